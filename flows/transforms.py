@@ -1,0 +1,335 @@
+"""Bijections: MADE networks and masked autoregressive transforms (teacher blocks and student blocks).
+
+Directions follow nflows (see ``flows/__init__.py``): ``forward`` is data → noise, ``inverse`` is
+noise → data, and every transform returns ``(outputs, logabsdet)`` both ways.
+
+Built on nflows 0.14:
+
+- :class:`MaskedLinear` subclasses ``nflows.transforms.made.MaskedLinear`` (same masks and degrees)
+  and adds a cache of ``weight * mask`` that is used whenever gradients are off (inference): the
+  student's fast path then does plain dense matrix products.
+- :class:`MADE` is written here rather than taken from nflows because nflows' feed-forward MADE
+  applies no activation between its initial layer and the first hidden block (two stacked linear
+  maps), and its residual MADE cannot be given a plain number of hidden layers. Masks and degrees
+  are nflows' own (``MaskedLinear._get_mask_and_degrees``, deterministic degrees).
+- :class:`RQSAutoregressiveTransform` and :class:`AffineAutoregressiveTransform` subclass nflows'
+  ``AutoregressiveTransform`` (its D-pass ``inverse`` loop is used as is) and call nflows'
+  ``unconstrained_rational_quadratic_spline`` (linear tails) or nflows' affine map
+  (scale = softplus(s) + 1e-3). Unlike nflows' ``MaskedPiecewiseRationalQuadratic...`` they never
+  modify the MADE output in place, so it can be traced for distillation.
+- The student's blocks (:class:`SwappedRQSAutoregressiveTransform`,
+  :class:`SwappedAffineAutoregressiveTransform`) swap the elementwise map: their nflows ``forward``
+  computes the parameters with the MADE from its input and applies the spline *inverse*. Wrapped in
+  nflows' ``InverseTransform`` they give an IAF block whose ``inverse`` (noise → data) is one pass and
+  whose ``forward`` (data → noise) is the slow D-pass loop.
+
+References:
+    Germain et al., MADE: Masked Autoencoder for Distribution Estimation, arXiv:1502.03509.
+    Durkan et al., Neural Spline Flows, arXiv:1906.04032.
+    Krause & Shih, CaloFlow II, arXiv:2110.11377.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from nflows.transforms import made as nflows_made
+from nflows.transforms.autoregressive import AutoregressiveTransform
+from nflows.transforms.splines import rational_quadratic as nflows_rq
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from flows.errors import FlowsError
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "elu": F.elu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+}
+
+#: softplus⁻¹(1 − ε): with this bias the affine scale and the spline's derivatives start at 1 (identity).
+def _softplus_inverse(y: float) -> float:
+    return float(np.log(np.expm1(y)))
+
+
+class MaskedLinear(nflows_made.MaskedLinear):
+    """nflows' masked linear layer with a cache of ``weight * mask`` for inference.
+
+    The cache is used only while gradients are disabled (``torch.no_grad``/``torch.inference_mode``)
+    and is rebuilt whenever the weight or mask changes (tracked by their version counters, which
+    optimiser steps and ``load_state_dict`` bump), or the device, dtype or inference mode changes.
+    Training (gradients on) always recomputes the product, as nflows does.
+
+    Args:
+        in_degrees: MADE degrees of the inputs.
+        out_features: number of outputs.
+        autoregressive_features: D, the number of autoregressive variables.
+        is_output: whether this is the output layer (strict inequality in the mask).
+    """
+
+    def __init__(self, in_degrees: Tensor, out_features: int, autoregressive_features: int,
+                 is_output: bool) -> None:
+        super().__init__(in_degrees=in_degrees, out_features=out_features,
+                         autoregressive_features=autoregressive_features, random_mask=False,
+                         is_output=is_output)
+        self.cache_enabled = True
+        self._cache: Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    def masked_weight(self) -> Tensor:
+        """``weight * mask``, from the cache when gradients are off."""
+        if torch.is_grad_enabled() or not self.cache_enabled:
+            return self.weight * self.mask
+        key = (self.weight._version, self.mask._version, self.weight.data_ptr(), self.weight.device,
+               self.weight.dtype, torch.is_inference_mode_enabled())
+        if self._cache is None or self._cache_key != key:
+            self._cache = self.weight * self.mask
+            self._cache_key = key
+        return self._cache
+
+    def clear_cache(self) -> None:
+        """Drop the cached masked weight."""
+        self._cache = None
+        self._cache_key = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.masked_weight(), self.bias)
+
+
+class MADE(nn.Module):
+    """A masked MLP: output ``(N, D * output_multiplier)`` with output block i depending on inputs < i.
+
+    Layers: masked input layer (+ a dense context layer, added), activation, then
+    ``n_hidden_layers − 1`` masked hidden layers each followed by the activation, then the masked
+    output layer. Output layout is nflows': ``view(N, D, output_multiplier)``.
+
+    Args:
+        features: D.
+        hidden_features: width of every hidden layer.
+        context_features: size of the condition vector (0 = unconditional).
+        n_hidden_layers: number of hidden layers (≥ 1).
+        output_multiplier: parameters per feature.
+        activation: name in :data:`ACTIVATIONS`.
+        dropout: dropout probability after each hidden activation.
+        output_bias: initial bias per parameter slot (length ``output_multiplier``), or None.
+
+    References:
+        Germain et al., arXiv:1502.03509.
+    """
+
+    def __init__(self, features: int, hidden_features: int, context_features: int = 0,
+                 n_hidden_layers: int = 1, output_multiplier: int = 1, activation: str = "relu",
+                 dropout: float = 0.0, output_bias: Tensor | None = None) -> None:
+        super().__init__()
+        if n_hidden_layers < 1:
+            raise FlowsError(f"n_hidden_layers: must be >= 1, got {n_hidden_layers}")
+        if activation not in ACTIVATIONS:
+            raise FlowsError(f"activation: unknown '{activation}' (known: {sorted(ACTIVATIONS)})")
+        self.features = features
+        self.output_multiplier = output_multiplier
+        self.activation_name = activation
+        self._activation = ACTIVATIONS[activation]
+        degrees = torch.arange(1, features + 1)
+        layers = [MaskedLinear(degrees, hidden_features, features, is_output=False)]
+        for _ in range(n_hidden_layers - 1):
+            layers.append(MaskedLinear(layers[-1].degrees, hidden_features, features, is_output=False))
+        self.hidden_layers = nn.ModuleList(layers)
+        self.context_layer = nn.Linear(context_features, hidden_features) if context_features > 0 else None
+        self.output_layer = MaskedLinear(layers[-1].degrees, features * output_multiplier, features,
+                                         is_output=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        with torch.no_grad():
+            nn.init.uniform_(self.output_layer.weight, -1e-3, 1e-3)
+            if output_bias is not None:
+                self.output_layer.bias.copy_(output_bias.to(self.output_layer.bias).repeat(features))
+            else:
+                nn.init.uniform_(self.output_layer.bias, -1e-3, 1e-3)
+
+    def masked_linears(self) -> list[MaskedLinear]:
+        """All masked layers, input to output."""
+        return [*self.hidden_layers, self.output_layer]
+
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
+        h = self.hidden_layers[0](inputs)
+        if self.context_layer is not None:
+            if context is None:
+                raise FlowsError("context: this MADE is conditional but no context was given")
+            h = h + self.context_layer(context)
+        h = self._activation(h)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        for layer in self.hidden_layers[1:]:
+            h = self._activation(layer(h))
+            if self.dropout is not None:
+                h = self.dropout(h)
+        return self.output_layer(h)
+
+
+class _MADETransform(AutoregressiveTransform):
+    """Shared constructor: an nflows ``AutoregressiveTransform`` whose network is a :class:`MADE`."""
+
+    def __init__(self, features: int, hidden_features: int, context_features: int = 0,
+                 n_hidden_layers: int = 1, activation: str = "relu", dropout: float = 0.0) -> None:
+        self.features = features
+        made = MADE(features, hidden_features, context_features, n_hidden_layers,
+                    self._output_dim_multiplier(), activation, dropout, self._initial_output_bias())
+        super().__init__(made)
+
+    def _initial_output_bias(self) -> Tensor:
+        raise NotImplementedError
+
+    def params(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
+        """The MADE output ``(N, D * multiplier)`` computed from ``inputs``."""
+        return self.autoregressive_net(inputs, context)
+
+
+class RQSAutoregressiveTransform(_MADETransform):
+    """MAF block with rational-quadratic spline elementwise maps (linear tails outside ±tail_bound).
+
+    ``forward`` (data → noise) is one MADE pass; ``inverse`` (noise → data) is nflows' D-pass loop.
+    Parameter layout per feature: ``num_bins`` widths, ``num_bins`` heights, ``num_bins − 1``
+    interior derivatives (nflows' layout for linear tails).
+
+    Args:
+        features, hidden_features, context_features, n_hidden_layers, activation, dropout: see MADE.
+        num_bins: spline bins.
+        tail_bound: B; the spline acts on [−B, B], identity outside.
+
+    References:
+        Durkan et al., Neural Spline Flows, arXiv:1906.04032.
+    """
+
+    def __init__(self, features: int, hidden_features: int, context_features: int = 0,
+                 n_hidden_layers: int = 1, num_bins: int = 8, tail_bound: float = 14.0,
+                 activation: str = "relu", dropout: float = 0.0) -> None:
+        self.num_bins = num_bins
+        self.tail_bound = float(tail_bound)
+        self.min_bin_width = nflows_rq.DEFAULT_MIN_BIN_WIDTH
+        self.min_bin_height = nflows_rq.DEFAULT_MIN_BIN_HEIGHT
+        self.min_derivative = nflows_rq.DEFAULT_MIN_DERIVATIVE
+        super().__init__(features, hidden_features, context_features, n_hidden_layers, activation,
+                         dropout)
+
+    def _output_dim_multiplier(self) -> int:
+        return 3 * self.num_bins - 1
+
+    def _initial_output_bias(self) -> Tensor:
+        bias = torch.zeros(self._output_dim_multiplier())
+        bias[2 * self.num_bins:] = _softplus_inverse(1.0 - self.min_derivative)
+        return bias
+
+    def _spline(self, inputs: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        p = params.reshape(inputs.shape[0], inputs.shape[1], self._output_dim_multiplier())
+        nb = self.num_bins
+        outputs, logabsdet = nflows_rq.unconstrained_rational_quadratic_spline(
+            inputs=inputs,
+            unnormalized_widths=p[..., :nb],
+            unnormalized_heights=p[..., nb:2 * nb],
+            unnormalized_derivatives=p[..., 2 * nb:],
+            inverse=inverse,
+            tails="linear",
+            tail_bound=self.tail_bound,
+            min_bin_width=self.min_bin_width,
+            min_bin_height=self.min_bin_height,
+            min_derivative=self.min_derivative,
+        )
+        return outputs, logabsdet.sum(dim=1)
+
+    def _elementwise_forward(self, inputs: Tensor, autoregressive_params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._spline(inputs, autoregressive_params, inverse=False)
+
+    def _elementwise_inverse(self, inputs: Tensor, autoregressive_params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._spline(inputs, autoregressive_params, inverse=True)
+
+
+class AffineAutoregressiveTransform(_MADETransform):
+    """MAF block with affine elementwise maps ``y = scale * x + shift``, scale = softplus(s) + 1e-3.
+
+    The map and parameter layout (per feature: unconstrained scale, shift) are nflows'
+    ``MaskedAffineAutoregressiveTransform``'s; the scale starts at 1 (identity initialisation).
+
+    References:
+        Papamakarios et al., Masked Autoregressive Flow, arXiv:1705.07057.
+    """
+
+    _epsilon = 1e-3
+
+    def _output_dim_multiplier(self) -> int:
+        return 2
+
+    def _initial_output_bias(self) -> Tensor:
+        return torch.tensor([_softplus_inverse(1.0 - self._epsilon), 0.0])
+
+    def _scale_shift(self, params: Tensor, features: int) -> tuple[Tensor, Tensor]:
+        p = params.reshape(params.shape[0], features, 2)
+        return F.softplus(p[..., 0]) + self._epsilon, p[..., 1]
+
+    def _affine(self, inputs: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        scale, shift = self._scale_shift(params, inputs.shape[1])
+        logabsdet = torch.log(scale).sum(dim=1)
+        if inverse:
+            return (inputs - shift) / scale, -logabsdet
+        return scale * inputs + shift, logabsdet
+
+    def _elementwise_forward(self, inputs: Tensor, autoregressive_params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._affine(inputs, autoregressive_params, inverse=False)
+
+    def _elementwise_inverse(self, inputs: Tensor, autoregressive_params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._affine(inputs, autoregressive_params, inverse=True)
+
+
+class SwappedRQSAutoregressiveTransform(RQSAutoregressiveTransform):
+    """Student (IAF) block core: the MADE reads the noise side and the spline *inverse* is applied.
+
+    nflows ``forward`` here maps noise-side y → data-side x in one pass:
+    ``x = spline⁻¹(y; MADE(y))``; nflows ``inverse`` (x → y) is the D-pass loop. Wrap it in
+    ``nflows.transforms.InverseTransform`` to get a block with the usual directions.
+
+    If its parameters equal a teacher block's parameters at the same point, it inverts that block
+    exactly: ``spline⁻¹(teacher(x); θ_T(x)) = x``.
+
+    References:
+        Krause & Shih, CaloFlow II, arXiv:2110.11377; Kingma et al., IAF, arXiv:1606.04934.
+    """
+
+    def _elementwise_forward(self, inputs: Tensor, autoregressive_params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._spline(inputs, autoregressive_params, inverse=True)
+
+    def _elementwise_inverse(self, inputs: Tensor, autoregressive_params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._spline(inputs, autoregressive_params, inverse=False)
+
+
+class SwappedAffineAutoregressiveTransform(AffineAutoregressiveTransform):
+    """Student (IAF) block core with affine maps: ``x = (y − shift(y)) / scale(y)`` in one pass.
+
+    See :class:`SwappedRQSAutoregressiveTransform`.
+    """
+
+    def _elementwise_forward(self, inputs: Tensor, autoregressive_params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._affine(inputs, autoregressive_params, inverse=True)
+
+    def _elementwise_inverse(self, inputs: Tensor, autoregressive_params: Tensor) -> tuple[Tensor, Tensor]:
+        return self._affine(inputs, autoregressive_params, inverse=False)
+
+
+def make_block(kind: str, swapped: bool, features: int, hidden_features: int, context_features: int,
+               n_hidden_layers: int, num_bins: int, tail_bound: float, activation: str,
+               dropout: float) -> _MADETransform:
+    """Build one MADE block: teacher (``swapped=False``) or student core (``swapped=True``)."""
+    common = dict(features=features, hidden_features=hidden_features,
+                  context_features=context_features, n_hidden_layers=n_hidden_layers,
+                  activation=activation, dropout=dropout)
+    if kind == "spline":
+        cls = SwappedRQSAutoregressiveTransform if swapped else RQSAutoregressiveTransform
+        return cls(num_bins=num_bins, tail_bound=tail_bound, **common)
+    if kind == "affine":
+        cls = SwappedAffineAutoregressiveTransform if swapped else AffineAutoregressiveTransform
+        return cls(**common)
+    raise FlowsError(f"kind: unknown '{kind}' (known: spline, affine)")
