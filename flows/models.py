@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from nflows.distributions.normal import StandardNormal
 from nflows.transforms.base import CompositeTransform, InverseTransform
 from nflows.transforms.permutations import Permutation
 from torch import Tensor, nn
@@ -158,7 +157,11 @@ def make_permutations(cfg: FlowConfig) -> list[Permutation]:
 
 
 class _ConditionalFlow(nn.Module):
-    """Shared machinery: a ``CompositeTransform`` (data → noise) and a standard normal base."""
+    """Shared machinery: a ``CompositeTransform`` (data → noise) and a standard normal base.
+
+    The base's noise is drawn with ``torch.randn`` on the flow's device and dtype, from an optional
+    ``torch.Generator`` (nflows' ``StandardNormal`` takes no generator, so it is not used for sampling).
+    """
 
     def __init__(self, cfg: FlowConfig, blocks: list[nn.Module], permutations: list[Permutation]) -> None:
         super().__init__()
@@ -171,7 +174,6 @@ class _ConditionalFlow(nn.Module):
             if k < len(permutations):
                 layers.append(permutations[k])
         self.transform = CompositeTransform(layers)
-        self.base = StandardNormal([cfg.features])
 
     # -- structure ------------------------------------------------------------------------------
     @property
@@ -212,7 +214,7 @@ class _ConditionalFlow(nn.Module):
                 raise FlowsError(f"context: expected shape ({inputs.shape[0]}, {self.config.context_features}), got {got}")
 
     def base_log_prob(self, z: Tensor) -> Tensor:
-        """log N(z; 0, I) per row."""
+        """log N(z; 0, I) per row (the base distribution; equals nflows' ``StandardNormal.log_prob``)."""
         return -0.5 * (z * z).sum(dim=1) - 0.5 * self.features * math.log(2 * math.pi)
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -149,7 +149,10 @@ class CaloFlowPreprocessor:
 
     def _expit(self, t: Tensor) -> Tensor:
         a = self.alpha
-        return ((torch.sigmoid(t) - a) / (1 - 2 * a)).clamp(0.0, 1.0)
+        x = ((torch.sigmoid(t) - a) / (1 - 2 * a)).clamp(0.0, 1.0)
+        # logit(α) and logit(1 − α) come back within rounding of 0 and 1: make them exact
+        x = torch.where(x < 1e-15, torch.zeros_like(x), x)
+        return torch.where(x > 1 - 1e-15, torch.ones_like(x), x)
 
     def _noisy(self, voxels: Tensor, rng: Rng, add_noise: bool) -> Tensor:
         if not add_noise or self.noise_level == 0:

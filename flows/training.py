@@ -218,7 +218,7 @@ def _make_scheduler(
     total = config.epochs * steps_per_epoch
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=max(total, 2), cycle_momentum=False
+            optimizer, max_lr=config.lr, total_steps=total + 1, cycle_momentum=False
         )
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))

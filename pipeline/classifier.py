@@ -173,14 +173,14 @@ def high_level_features(showers: Showers, observables: dict[str, np.ndarray] | N
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC via the Mann-Whitney statistic (ties count ½); no sklearn needed."""
-    from scipy.stats import rankdata
-
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         raise CalodistillError("classifier: AUC needs both classes in the test part")
-    ranks = rankdata(scores)
+    # average ranks (1-based) with ties sharing the mean of their positions
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

@@ -544,6 +544,7 @@ def evaluate_showers(
     device: str | None = None,
     seed: int = 0,
     plots: bool = True,
+    observable_plots: bool = True,
 ) -> dict[str, float]:
     """Evaluate generated showers against a reference; write metrics.json, details.json, plots/, report.md.
 
@@ -572,6 +573,7 @@ def evaluate_showers(
         device: torch device for classifiers and models (default CUDA when present).
         seed: seeds every subset, split, network and sample.
         plots: False skips the figures.
+        observable_plots: False skips the observable histograms (the slowest figures) but keeps the others.
 
     Returns:
         The flat metrics dict also written to ``metrics.json``.
@@ -698,8 +700,9 @@ def evaluate_showers(
         pdir = out_dir / "plots"
         images = {REFERENCE_LABEL: ref.voxels, **{k: s.voxels for k, s in samples.items()}}
         P.plot_average_images(geo, images, pdir / "average_showers.png")
-        P.plot_observables({REFERENCE_LABEL: obs_ref, **obs}, pdir / "observables",
-                           {k: v for k, v in seps.items() if k != "baseline"}, REFERENCE_LABEL)
+        if observable_plots:
+            P.plot_observables({REFERENCE_LABEL: obs_ref, **obs}, pdir / "observables",
+                               {k: v for k, v in seps.items() if k != "baseline"}, REFERENCE_LABEL)
         nll_curves = {k: v for k, v in per_bin.items() if k.startswith("nll")}
         if nll_curves:
             P.plot_nll_per_energy_bin(edges, nll_curves, pdir / "nll_per_energy_bin.png")

@@ -6,7 +6,8 @@ display. Every function takes explicit data and an output path, and returns the 
 Figures:
 - :func:`plot_average_images`: the mean shower per layer for each sample (reference, teacher, student);
 - :func:`plot_observable`: the histogram of one observable for every sample with a ratio panel
-  (sample / reference) and the separation power in the legend; :func:`plot_observables` does all;
+  (sample / reference) and the separation power in the legend; :func:`plot_observables` draws every
+  observable, one figure per kind with all layers side by side;
 - :func:`plot_nll_per_energy_bin`: negative log-likelihood per incident-energy bin;
 - :func:`plot_training_curves`: per-epoch metrics from a history dict.
 """
@@ -25,7 +26,9 @@ from pipeline.geometry import Geometry
 __all__ = [
     "plot_average_images",
     "plot_observable",
+    "plot_observable_grid",
     "plot_observables",
+    "observable_families",
     "plot_nll_per_energy_bin",
     "plot_training_curves",
 ]
@@ -44,12 +47,12 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, dpi: int = 100, bbox: str | None = "tight") -> Path:
     """Save atomically (temporary file next to the target, then ``os.replace``) and close the figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=dpi, bbox_inches=bbox)
     _pyplot().close(fig)
     os.replace(tmp, path)
     return path
@@ -98,6 +101,42 @@ def plot_average_images(geometry: Geometry, samples: dict[str, np.ndarray], path
     return _save(fig, path)
 
 
+def _draw_observable(
+    ax: Any,
+    rax: Any,
+    name: str,
+    samples: dict[str, np.ndarray],
+    separation: dict[str, float] | None,
+    reference: str,
+    bins: int,
+    quantile: float,
+    xlabel: str | None,
+) -> None:
+    from pipeline.observables import normalised_histograms, observable_label, shared_bin_edges
+
+    labels = [reference] + [k for k in samples if k != reference]
+    edges = shared_bin_edges([samples[k] for k in labels], bins, quantile)
+    hists = dict(zip(labels, normalised_histograms([samples[k] for k in labels], edges)))
+    ref_h = hists[reference]
+    for c, label in zip(_COLOURS * 4, labels):
+        text = label
+        if separation and label in separation:
+            text = f"{label} (S = {separation[label]:.3g})"
+        ax.stairs(hists[label], edges, label=text, color=c, linewidth=1.6 if label == reference else 1.2,
+                  fill=label == reference, alpha=0.25 if label == reference else 1.0)
+        if label != reference:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(ref_h > 0, hists[label] / np.where(ref_h > 0, ref_h, 1.0), np.nan)
+            rax.stairs(ratio, edges, color=c, baseline=None)
+    ax.set_title(name, fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    ax.tick_params(labelbottom=False, labelsize=7)
+    rax.tick_params(labelsize=7)
+    rax.axhline(1.0, color="grey", linewidth=0.8)
+    rax.set_ylim(0.5, 1.5)
+    rax.set_xlabel(xlabel or observable_label(name), fontsize=8)
+
+
 def plot_observable(
     name: str,
     samples: dict[str, np.ndarray],
@@ -120,33 +159,62 @@ def plot_observable(
         quantile: see :func:`pipeline.observables.shared_bin_edges`.
         xlabel: axis label (default from :func:`pipeline.observables.observable_label`).
     """
-    from pipeline.observables import normalised_histograms, observable_label, shared_bin_edges
+    return plot_observable_grid([name], {k: {name: v} for k, v in samples.items()}, path,
+                                {k: {name: v} for k, v in (separation or {}).items()}, reference, bins, quantile,
+                                xlabels={name: xlabel} if xlabel else None)
 
+
+def plot_observable_grid(
+    names: list[str],
+    samples: dict[str, dict[str, np.ndarray]],
+    path: Path,
+    separation: dict[str, dict[str, float]] | None = None,
+    reference: str | None = None,
+    bins: int = 40,
+    quantile: float = 0.001,
+    ncols: int = 5,
+    xlabels: dict[str, str] | None = None,
+) -> Path:
+    """Several observables in one figure: a grid of histogram panels, each with its ratio panel.
+
+    Args:
+        names: observables to draw, in order.
+        samples: label → {observable → values}.
+        path: the PNG to write.
+        separation: label → {observable → separation power}, shown in the legends.
+        reference: label of the reference sample (default: the first).
+        bins: number of shared bins per observable.
+        quantile: see :func:`pipeline.observables.shared_bin_edges`.
+        ncols: panels per row.
+        xlabels: observable → axis label (default from :func:`pipeline.observables.observable_label`).
+    """
     plt = _pyplot()
     reference = reference or next(iter(samples))
-    labels = [reference] + [k for k in samples if k != reference]
-    edges = shared_bin_edges([samples[k] for k in labels], bins, quantile)
-    hists = dict(zip(labels, normalised_histograms([samples[k] for k in labels], edges)))
-    fig, (ax, rax) = plt.subplots(2, 1, figsize=(5, 4.5), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.05})
-    ref_h = hists[reference]
-    for c, label in zip(_COLOURS * 4, labels):
-        text = label
-        if separation and label in separation:
-            text = f"{label} (S = {separation[label]:.3g})"
-        ax.stairs(hists[label], edges, label=text, color=c, linewidth=1.6 if label == reference else 1.2,
-                  fill=label == reference, alpha=0.25 if label == reference else 1.0)
-        if label != reference:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(ref_h > 0, hists[label] / np.where(ref_h > 0, ref_h, 1.0), np.nan)
-            rax.stairs(ratio, edges, color=c, baseline=None)
-    ax.set_ylabel("fraction of showers")
-    ax.set_title(name, fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
-    rax.axhline(1.0, color="grey", linewidth=0.8)
-    rax.set_ylim(0.5, 1.5)
-    rax.set_ylabel(f"/ {reference}", fontsize=8)
-    rax.set_xlabel(xlabel or observable_label(name))
-    return _save(fig, path)
+    ncols = max(1, min(ncols, len(names)))
+    nrows = int(np.ceil(len(names) / ncols))
+    fig = plt.figure(figsize=(4.2 * ncols, 3.8 * nrows))
+    outer = fig.add_gridspec(nrows, ncols, left=0.06 if ncols > 1 else 0.15, right=0.98, top=0.94 if nrows == 1 else 0.97,
+                             bottom=0.1 if nrows == 1 else 0.05, wspace=0.25, hspace=0.3)
+    for i, name in enumerate(names):
+        inner = outer[i // ncols, i % ncols].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.05)
+        ax = fig.add_subplot(inner[0])
+        rax = fig.add_subplot(inner[1], sharex=ax)
+        sep = {label: s[name] for label, s in (separation or {}).items() if name in s}
+        _draw_observable(ax, rax, name, {k: v[name] for k, v in samples.items()}, sep, reference, bins, quantile,
+                         (xlabels or {}).get(name))
+        if i % ncols == 0:
+            ax.set_ylabel("fraction of showers", fontsize=8)
+            rax.set_ylabel(f"/ {reference}", fontsize=8)
+    return _save(fig, path, dpi=80, bbox=None)
+
+
+def observable_families(names: list[str]) -> dict[str, list[str]]:
+    """Group observable names by kind: ``E_layer0, E_layer1`` → ``{"E": [...]}``; others stand alone."""
+    families: dict[str, list[str]] = {}
+    for name in names:
+        kind, sep, _ = name.rpartition("_layer")
+        families.setdefault(kind if sep else name, []).append(name)
+    return families
 
 
 def plot_observables(
@@ -155,7 +223,8 @@ def plot_observables(
     separation: dict[str, dict[str, float]] | None = None,
     reference: str | None = None,
 ) -> list[Path]:
-    """One :func:`plot_observable` figure per observable, ``<out_dir>/<observable>.png``.
+    """One :func:`plot_observable_grid` figure per kind of observable (all layers side by side),
+    ``<out_dir>/<kind>.png`` (``E.png``, ``centroid_x.png``, ..., ``Etot_over_Einc.png``).
 
     Args:
         samples: label → {observable → values}; every sample has the reference's observables.
@@ -165,10 +234,8 @@ def plot_observables(
     """
     reference = reference or next(iter(samples))
     paths = []
-    for name in samples[reference]:
-        per_sample = {label: obs[name] for label, obs in samples.items()}
-        sep = {label: s[name] for label, s in (separation or {}).items() if name in s}
-        paths.append(plot_observable(name, per_sample, Path(out_dir) / f"{name}.png", sep, reference))
+    for kind, names in observable_families(list(samples[reference])).items():
+        paths.append(plot_observable_grid(names, samples, Path(out_dir) / f"{kind}.png", separation, reference))
     return paths
 
 

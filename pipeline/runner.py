@@ -469,8 +469,6 @@ def run_pipeline(
     Raises:
         CalodistillError: invalid DAG or overrides, unknown stage in ``force``, no cluster.
     """
-    from distributed import FIRST_COMPLETED, wait
-
     from pipeline.stages import get_stage_kind
 
     t_start = time.perf_counter()
@@ -538,7 +536,9 @@ def run_pipeline(
             pending = {f: n for n, f in futures.items()}
             failed: set[str] = set()
             while pending:
-                done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+                done = {f for f in pending if f.done()}
+                if not done:  # poll: stage events are handled between polls
+                    time.sleep(0.2)
                 drain()
                 for name in [n for n in dag.order if futures[n] in done]:
                     fut = futures[name]

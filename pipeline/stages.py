@@ -28,6 +28,8 @@ import contextlib
 import inspect
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -430,36 +432,60 @@ def _run_generate(ctx: StageContext) -> StageResult:
     )
 
 
+def _validate_signature_params(func_path: str, reserved: tuple[str, ...]) -> Callable[[dict[str, Any]], None]:
+    """A ``validate_params`` that accepts the keyword arguments of a stage function (imported lazily)."""
+
+    def validate(params: dict[str, Any]) -> None:
+        module_name, _, attr = func_path.rpartition(".")
+        try:
+            import importlib
+
+            func = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):  # not built yet: the call will tell
+            return
+        accepted = set(inspect.signature(func).parameters) - set(reserved)
+        for key in params:
+            if key not in accepted:
+                raise CalodistillError(f"unknown key {key!r} (allowed: {', '.join(sorted(accepted))})")
+
+    return validate
+
+
+_EVALUATE_RESERVED = ("reference", "generated", "out_dir", "teacher_dir", "student_dir")
+
+
 def _run_evaluate(ctx: StageContext) -> StageResult:
     from pipeline.evaluate import evaluate_showers
 
-    generated: list[Path] = []
-    labels: list[str] = []
+    generated: dict[str, Path] = {}
     for key, label in (("teacher_samples", "teacher"), ("student_samples", "student")):
         if key in ctx.inputs:
-            generated.append(Path(ctx.inputs[key]))
-            labels.append(label)
-    for i, extra in enumerate(ctx.inputs.get("generated", []) or []):
-        generated.append(Path(extra))
-        labels.append(f"generated{i}")
+            generated[label] = Path(ctx.inputs[key])
+    for extra in ctx.inputs.get("generated", []) or []:
+        generated[Path(extra).stem] = Path(extra)
     out = ctx.outputs["report"]
-    kwargs: dict[str, Any] = dict(ctx.params)
-    result = _call_with_supported(
-        evaluate_showers,
+    params: dict[str, Any] = dict(ctx.params)
+    if isinstance(params.get("timing_batch_sizes"), list):
+        params["timing_batch_sizes"] = tuple(int(b) for b in params["timing_batch_sizes"])
+    tmp_out = out.with_name(f".{out.name}.tmp")
+    if tmp_out.exists():
+        shutil.rmtree(tmp_out)
+    result = evaluate_showers(
         reference=Path(ctx.inputs["reference"]),
         generated=generated,
-        labels=labels,
-        out_dir=out,
+        out_dir=tmp_out,
         teacher_dir=Path(ctx.inputs["teacher"]) if "teacher" in ctx.inputs else None,
         student_dir=Path(ctx.inputs["student"]) if "student" in ctx.inputs else None,
-        log_metrics=ctx.log_metrics,
-        **kwargs,
+        **params,
     )
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp_out, out)
     arts: list[tuple[str, str]] = []
-    if out.is_dir():
-        for p in sorted(out.rglob("*")):
-            if p.is_file() and p.suffix.lower() in {".json", ".md", ".png", ".pdf", ".svg", ".csv"}:
-                arts.append((str(p), str(Path("report") / p.parent.relative_to(out))))
+    for p in sorted(out.rglob("*")):
+        if p.is_file() and p.suffix.lower() in {".json", ".md", ".png", ".pdf", ".svg", ".csv"}:
+            rel = p.parent.relative_to(out)
+            arts.append((str(p), "report" if str(rel) == "." else f"report/{rel.as_posix()}"))
     tags = {}
     dhash = _dataset_hash(Path(ctx.inputs["reference"]))
     if dhash:
@@ -519,6 +545,7 @@ register_stage_kind(StageKind(
             "generated": InputSpec(required=False, multiple=True),
             "teacher": InputSpec(required=False), "student": InputSpec(required=False)},
     outputs={"report": "report"}, key_metric="auc_low_student",
+    validate_params=_validate_signature_params("pipeline.evaluate.evaluate_showers", _EVALUATE_RESERVED),
     description="likelihoods, observables, classifier AUCs and plots",
 ))
 register_stage_kind(StageKind(

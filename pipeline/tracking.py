@@ -131,8 +131,12 @@ class ShowerGeneratorModel(_PythonModel):  # type: ignore[misc,valid-type]
 
         self.generator = load_generator(Path(context.artifacts["model_dir"]))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-        """Sample one shower per incident energy (MeV)."""
+    def predict(self, context, model_input, params=None):  # noqa: ANN001,ANN201
+        """Sample one shower per incident energy (MeV).
+
+        Left unannotated on purpose: MLflow 3 reads type hints on ``predict`` as an input schema and
+        would override the explicit signature the pipeline logs.
+        """
         import numpy as np
 
         if hasattr(model_input, "columns"):

@@ -6,7 +6,8 @@ Small D, float64, seeded. Also tests the nflows pieces the flows are built from.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from nflows.distributions.normal import StandardNormal
 from nflows.transforms.base import CompositeTransform, InverseTransform
 from nflows.transforms.linear import Linear as NflowsLinear
 from nflows.transforms.permutations import Permutation
+from nflows.transforms.splines import rational_quadratic as nflows_rq
 
 from flows.errors import FlowsError
 from flows.models import (
@@ -27,7 +29,7 @@ from flows.models import (
     teacher_config,
 )
 from flows.serialization import load_flow, save_flow
-from flows.transforms import MADE, MaskedLinear
+from flows.transforms import MADE, MaskedLinear, rq_spline_linear_tails
 
 D, C = 5, 2
 FLOWS = ["flow1", "teacher-spline", "teacher-affine", "student-spline", "student-affine"]
@@ -71,6 +73,15 @@ def make_inputs(flow: MAF | IAF, n: int = 6, seed: int = 0) -> tuple[torch.Tenso
     x[0, 0] = 4.0  # outside the spline interval: linear tail
     c = torch.randn(n, cfg.context_features, generator=gen, dtype=torch.float64)
     return x, c
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids oversubscribing the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=FLOWS)
@@ -186,7 +197,7 @@ def test_log_prob_is_normalised_density_formula(flow: MAF | IAF) -> None:
         -0.5 * flow.features * math.log(2 * math.pi))
 
 
-def test_save_reload_identical(flow: MAF | IAF, tmp_path) -> None:
+def test_save_reload_identical(flow: MAF | IAF, tmp_path: Path) -> None:
     x, c = make_inputs(flow)
     path = tmp_path / "flow.pt"
     save_flow(path, flow, flow.config)
@@ -327,3 +338,35 @@ def test_config_round_trip_and_unknown_key() -> None:
         cfg.replace(hidden_features=0)
     f1 = flow1_config(3)
     assert (f1.n_blocks, f1.hidden_features, f1.n_hidden_layers, f1.num_bins, f1.tail_bound) == (6, 64, 2, 8, 14.0)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_fast_spline_equals_nflows_spline(inverse: bool) -> None:
+    """flows.transforms.rq_spline_linear_tails is nflows' linear-tail RQ spline, without masking."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, k = 300, 4, 8
+    x = 3.0 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    x[0, 0], x[1, 1], x[2, 2] = -2.5, 2.5, 0.0  # the interval's edges and the middle
+    w, h = (torch.randn(n, d, k, generator=gen, dtype=torch.float64) for _ in range(2))
+    der = torch.randn(n, d, k - 1, generator=gen, dtype=torch.float64)
+    ref = nflows_rq.unconstrained_rational_quadratic_spline(x, w, h, der.clone(), inverse=inverse,
+                                                           tails="linear", tail_bound=2.5)
+    out = rq_spline_linear_tails(x, w, h, der, inverse=inverse, tail_bound=2.5)
+    torch.testing.assert_close(out[0], ref[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-12, rtol=1e-12)
+    outside = x.abs() > 2.5
+    assert torch.equal(out[0][outside], x[outside]) and (out[1][outside] == 0).all()
+    back = rq_spline_linear_tails(out[0], w, h, der, inverse=not inverse, tail_bound=2.5)
+    torch.testing.assert_close(back[0], x, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(back[1], -out[1], atol=1e-10, rtol=1e-10)
+
+
+def test_flow_with_nflows_spline_gives_same_outputs() -> None:
+    flow = make_flow("student-spline")
+    x, c = make_inputs(flow)
+    fast = flow.inverse(x, c)
+    for core in flow.cores():
+        core.use_nflows_spline = True
+    torch.testing.assert_close(flow.inverse(x, c), fast, atol=1e-12, rtol=1e-12)
+    z, lad = flow(x, c)
+    torch.testing.assert_close(flow.inverse(z, c)[0], x, atol=1e-8, rtol=1e-8)
