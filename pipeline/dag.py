@@ -286,7 +286,8 @@ def _parse_input_value(
     if not path.is_absolute():
         path = (base_dir / path).resolve()
     if not path.exists():
-        raise _fail(source, where, f"input file {path_text!r} does not exist (and {head!r} is not a stage)")
+        hint = f" (and {head!r} is not a stage)" if "." in value and "/" not in value else ""
+        raise _fail(source, where, f"input file {path_text!r} does not exist{hint}")
     return FileInput(path)
 
 
@@ -370,7 +371,7 @@ def _parse_stage(
         try:
             kind.validate_params(params)
         except CalodistillError as exc:
-            raise _fail(source, f"{where}: params", " ".join(str(exc).split())) from None
+            raise _fail(source, where, " ".join(str(exc).split())) from None
 
     gpu = data.get("gpu", False)
     if not isinstance(gpu, bool):

@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -313,10 +314,13 @@ class _Runner:
         if self.scheduler is None or self.scheduler == "local":
             n_workers = max(1, min(8, os.cpu_count() or 1))
             logger.info("starting a Dask LocalCluster (%d worker processes)", n_workers)
-            self.cluster = LocalCluster(
-                n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )
+            self._quiet_distributed()
+            with warnings.catch_warnings():  # "Port 8787 is already in use" (its HTTP server moves on)
+                warnings.filterwarnings("ignore", message="Port .* is already in use")
+                self.cluster = LocalCluster(
+                    n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                )
             self.client = Client(self.cluster)
         else:
             try:
@@ -325,11 +329,25 @@ class _Runner:
                 raise CalodistillError(f"scheduler {self.scheduler}: cannot connect: {' '.join(str(exc).split())}") from None
         return self
 
+    def _quiet_distributed(self) -> None:
+        """Keep the scheduler's and nannies' INFO chatter off the terminal while our cluster lives."""
+        self._levels: dict[str, int] = {}
+        for name in ["distributed", *logging.root.manager.loggerDict]:
+            if name.startswith("distributed"):
+                log = logging.getLogger(name)
+                if log.level <= logging.INFO:
+                    self._levels[name] = log.level
+                    log.setLevel(logging.WARNING)
+
     def __exit__(self, *exc: object) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
+        try:
+            if self.client is not None:
+                self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+        finally:
+            for name, level in getattr(self, "_levels", {}).items():
+                logging.getLogger(name).setLevel(level)
 
     def run(self, tasks: list[Any], on_result: Callable[[Any], None]) -> None:
         if self.client is None:
@@ -537,7 +555,7 @@ def bench_ingest(
     workdir: str | os.PathLike[str] | None = None,
     showers: Showers | None = None,
     seed: int = 0,
-    partition_mb: float | None = None,
+    partition_mb: float = 100.0,
 ) -> dict[str, float | str | int]:
     """Time :func:`ingest_showers` of an HDF5 file against a plain ``pyarrow.parquet.write_table``.
 
@@ -545,8 +563,8 @@ def bench_ingest(
     Baseline: ``read_showers`` of that file + building the same Arrow table + one ``write_table`` (zstd),
     all in one thread. Ingest: the full Dask ingest of the file (validation, split, partitions, sha256,
     metadata); the cluster start-up (and the workers' first imports) is timed separately
-    (``cluster_start_s``) and not counted. ``partition_mb`` defaults to a size that gives every worker
-    two partitions (at most 100 MB), so a benchmark of a few tens of MB still uses the whole cluster.
+    (``cluster_start_s``) and not counted. ``partition_mb`` is the ingest's (100 MB by default: a
+    benchmark smaller than that is one partition, i.e. one worker; pass less to spread it out).
 
     Returns:
         ``ingest_showers_per_s``, ``ingest_mb_per_s``, ``baseline_showers_per_s``, ``baseline_mb_per_s``,
@@ -602,8 +620,6 @@ def bench_ingest(
                 with Client(scheduler) as c:
                     n_workers = max(1, len(c.scheduler_info().get("workers", {})))
                     c.run(_warm_imports)
-            if partition_mb is None:
-                partition_mb = min(100.0, max(raw_mb / (2 * n_workers), 0.01))
             t = time.perf_counter()
             summary = ingest_showers([src], Path(d) / "dataset", scheduler=address, progress=False,
                                      partition_mb=partition_mb)

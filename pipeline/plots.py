@@ -68,23 +68,29 @@ def plot_average_images(geometry: Geometry, samples: dict[str, np.ndarray], path
     """
     plt = _pyplot()
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import NullFormatter
 
     labels = list(samples)
     means = {k: geometry.split_layers(np.asarray(v, dtype=np.float64).mean(axis=0)) for k, v in samples.items()}
     n_rows, n_cols = len(labels), geometry.n_layers
-    fig = plt.figure(figsize=(2.6 * n_cols + 1, 2.4 * n_rows + 0.5))
+    fig = plt.figure(figsize=(2.6 * n_cols + 0.6, 2.4 * n_rows + 1.0))
     for j, layer in enumerate(geometry.layers):
         values = np.concatenate([means[k][j].ravel() for k in labels])
         positive = values[values > 0]
         vmax = positive.max() if positive.size else 1.0
         vmin = max(positive.min() if positive.size else 1e-3, vmax * 1e-5)
         norm = LogNorm(vmin=vmin, vmax=vmax)
+        column = []
         for i, label in enumerate(labels):
             img = np.clip(means[label][j], vmin, None)
             if layer.kind == "polar":
                 ax = fig.add_subplot(n_rows, n_cols, i * n_cols + j + 1, projection="polar")
-                a, r = np.asarray(layer.edges0), np.asarray(layer.edges1)
-                mesh = ax.pcolormesh(a, r, img.T, norm=norm, cmap="viridis", shading="flat")
+                # Subdivide the angular bins so full rings (one bin from -π to π) are drawn as rings.
+                sub = max(1, int(np.ceil(64 / layer.shape[0])))
+                e0 = np.asarray(layer.edges0)
+                a = np.concatenate([np.linspace(lo, hi, sub + 1)[:-1] for lo, hi in zip(e0[:-1], e0[1:])] + [e0[-1:]])
+                r = np.asarray(layer.edges1)
+                mesh = ax.pcolormesh(a, r, np.repeat(img, sub, axis=0).T, norm=norm, cmap="viridis", shading="flat")
                 ax.set_yticklabels([])
                 ax.set_xticklabels([])
             else:
@@ -93,11 +99,15 @@ def plot_average_images(geometry: Geometry, samples: dict[str, np.ndarray], path
                 mesh = ax.imshow(img, norm=norm, cmap="viridis", aspect="auto", origin="lower",
                                  extent=(e1[0], e1[-1], e0[0], e0[-1]))
                 ax.tick_params(labelsize=6)
+            column.append(ax)
             if i == 0:
                 ax.set_title(f"layer {layer.index}", fontsize=9)
             if j == 0:
-                ax.text(-0.25, 0.5, label, transform=ax.transAxes, rotation=90, va="center", ha="center", fontsize=9)
-        fig.colorbar(mesh, ax=fig.axes[-n_rows:], shrink=0.8, label="mean energy [MeV]")
+                ax.text(-0.3, 0.5, label, transform=ax.transAxes, rotation=90, va="center", ha="center", fontsize=9)
+        cbar = fig.colorbar(mesh, ax=column, orientation="horizontal", fraction=0.04, pad=0.06)
+        cbar.ax.tick_params(labelsize=6)
+        cbar.ax.xaxis.set_minor_formatter(NullFormatter())
+        cbar.set_label("mean energy [MeV]", fontsize=7)
     return _save(fig, path)
 
 

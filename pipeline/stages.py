@@ -336,10 +336,29 @@ def _split_device(params: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]
     return (str(device) if device else None), config
 
 
+def _validate_config(config_class: str, reserved: tuple[str, ...]) -> Callable[[dict[str, Any]], None]:
+    """A ``validate_params`` building the stage's typed config (``module.Class``), reserved keys removed."""
+
+    def validate(params: dict[str, Any]) -> None:
+        import importlib
+
+        module_name, _, attr = config_class.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+            cls = getattr(module, attr)
+            build = importlib.import_module("pipeline.train").build_config
+        except (ImportError, AttributeError):  # not built yet: the call will tell
+            return
+        build(cls, ({k: v for k, v in params.items() if k not in reserved}, "params"))
+
+    return validate
+
+
 def _run_train_teacher(ctx: StageContext) -> StageResult:
     from pipeline.train import train_teacher
 
     device, config = _split_device(ctx.params)
+    config.setdefault("progress", False)
     out = ctx.outputs["model"]
     result = train_teacher(
         data_dir=Path(ctx.inputs["data"]), out_dir=out, config=config or None,
@@ -361,6 +380,7 @@ def _run_distill(ctx: StageContext) -> StageResult:
 
     device, config = _split_device(ctx.params)
     timing = {k: config.pop(k) for k in _TIMING_KEYS if k in config}
+    config.setdefault("progress", False)
     out = ctx.outputs["model"]
     teacher = Path(ctx.inputs["teacher"])
     result = distill_student(
@@ -395,10 +415,13 @@ def _validate_generate(params: dict[str, Any]) -> None:
     from pipeline.generate import parse_energy_spec
 
     if "n" not in params:
-        raise CalodistillError("n: missing (number of showers)")
-    if not isinstance(params["n"], int) or params["n"] <= 0:
-        raise CalodistillError(f"n: expected a positive integer, got {params['n']!r}")
-    parse_energy_spec(str(params.get("energies", "uniform:1GeV:100GeV")))
+        raise CalodistillError("params: missing key 'n' (number of showers)")
+    if not isinstance(params["n"], int) or isinstance(params["n"], bool) or params["n"] <= 0:
+        raise CalodistillError(f"params.n: expected a positive integer, got {params['n']!r}")
+    try:
+        parse_energy_spec(str(params.get("energies", "uniform:1GeV:100GeV")))
+    except CalodistillError as exc:
+        raise CalodistillError(f"params.energies: {str(exc).removeprefix('--energies: ')}") from None
 
 
 def _run_generate(ctx: StageContext) -> StageResult:
@@ -446,7 +469,7 @@ def _validate_signature_params(func_path: str, reserved: tuple[str, ...]) -> Cal
         accepted = set(inspect.signature(func).parameters) - set(reserved)
         for key in params:
             if key not in accepted:
-                raise CalodistillError(f"unknown key {key!r} (allowed: {', '.join(sorted(accepted))})")
+                raise CalodistillError(f"params: unknown key {key!r} (allowed: {', '.join(sorted(accepted))})")
 
     return validate
 
@@ -522,6 +545,7 @@ register_stage_kind(StageKind(
     name="train_teacher", run=_run_train_teacher,
     inputs={"data": InputSpec(description="Parquet dataset (ingest output)")},
     outputs={"model": "model"}, key_metric="test_nll", model_role="teacher",
+    validate_params=_validate_config("pipeline.train.TeacherTrainConfig", ("device",)),
     description="train Flow I and the MAF teacher",
 ))
 register_stage_kind(StageKind(
@@ -529,6 +553,7 @@ register_stage_kind(StageKind(
     inputs={"teacher": InputSpec(description="teacher model directory"),
             "data": InputSpec(description="Parquet dataset")},
     outputs={"model": "model"}, key_metric="speedup_vs_teacher", model_role="student",
+    validate_params=_validate_config("pipeline.distill.DistillStageConfig", ("device", *_TIMING_KEYS)),
     description="distil the IAF student; time student and teacher sampling",
 ))
 register_stage_kind(StageKind(
