@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 _TOP_KEYS = {"name", "description", "tracking", "cluster", "stages"}
@@ -232,6 +233,8 @@ def parse_override(text: str) -> tuple[str, list[str], Any]:
         value = yaml.safe_load(rhs) if rhs.strip() else ""
     except yaml.YAMLError as exc:
         raise CalodistillError(f"--set {text}: value is not valid YAML ({' '.join(str(exc).split())})") from exc
+    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string; users mean a number
     return parts[0], parts[1:], value
 
 

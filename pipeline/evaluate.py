@@ -38,6 +38,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,11 @@ __all__ = [
     "energy_bin_edges",
     "shower_log_likelihood",
     "model_likelihoods",
+    "kl_per_shower",
     "time_per_shower",
     "published_results",
+    "PipelineRun",
+    "find_pipeline_run",
     "configure_parser",
     "run_cli",
 ]
@@ -334,16 +338,23 @@ def model_likelihoods(
                    part.incident_energy)
     if teacher is not None and student is not None:
         part = pick(kl_samples)
-        kl = _kl_per_sample(student, teacher, part, _resolve_device(device), seed)
+        kl = kl_per_shower(student, teacher, part, _resolve_device(device), seed)
         record("kl_student_teacher", kl, part.incident_energy)
     return metrics, per_bin
 
 
-def _kl_per_sample(student: Any, teacher: Any, showers: Showers, device: Any, seed: int, batch_size: int = 1024) -> np.ndarray:
+def kl_per_shower(student: Any, teacher: Any, showers: Showers, device: Any, seed: int, batch_size: int = 1024) -> np.ndarray:
     """log q_S(x|c) − log p_T(x|c) for one Flow II student sample x per reference condition c.
 
     The single-sample Monte-Carlo terms of KL(q_student ‖ p_teacher) (as :func:`flows.losses.kl_student_teacher`,
-    kept per shower so they can be binned in incident energy).
+    kept per shower so they can be binned in incident energy); their mean is the KL estimate in nats.
+
+    Args:
+        student: the student generator (IAF Flow II with ``sample_and_log_prob``).
+        teacher: the teacher generator (MAF Flow II).
+        showers: the conditions (incident and layer energies) come from these showers.
+        device: torch device of both generators.
+        seed: seeds the student's samples and the preprocessing noise.
     """
     import torch
 
@@ -468,6 +479,130 @@ def published_results(geometry_name: str) -> tuple[str, dict[str, dict[str, floa
     return caption, {k: dict(v) for k, v in _CALOFLOW_DS1_PHOTONS.items()}
 
 
+# ------------------------------------------------------------------------------------ pipeline runs
+@dataclass
+class PipelineRun:
+    """Where a finished pipeline run left its outputs (read back from MLflow and the stage markers).
+
+    Attributes:
+        run_id: the parent MLflow run.
+        name: the DAG name.
+        stages: stage name → ``{"kind", "run_id", "stage_dir", "outputs": {name: Path}, "metrics", "tags"}``.
+    """
+
+    run_id: str
+    name: str
+    stages: dict[str, dict[str, Any]]
+
+    def output(self, kind: str, name: str) -> Path | None:
+        """The output ``name`` of the first stage of ``kind`` that has it on this machine, else None."""
+        for info in self.stages.values():
+            path = info["outputs"].get(name) if info["kind"] == kind else None
+            if path is not None and Path(path).exists():
+                return Path(path)
+        return None
+
+    @property
+    def dataset_dir(self) -> Path | None:
+        """The ingested dataset (its ``test`` split is the reference)."""
+        return self.output("ingest", "dataset")
+
+    @property
+    def teacher_dir(self) -> Path | None:
+        return self.output("train_teacher", "model")
+
+    @property
+    def student_dir(self) -> Path | None:
+        return self.output("distill", "model")
+
+    @property
+    def generated(self) -> dict[str, Path]:
+        """Generated shower files by label (the file stem: ``teacher``, ``student``)."""
+        out = {}
+        for info in self.stages.values():
+            path = info["outputs"].get("showers") if info["kind"] == "generate" else None
+            if path is not None and Path(path).is_file():
+                out[Path(path).stem] = Path(path)
+        return out
+
+    def metrics(self, kind: str) -> dict[str, float]:
+        """Final metrics of the first stage of ``kind`` (e.g. ``"evaluate"``)."""
+        return next((dict(i["metrics"]) for i in self.stages.values() if i["kind"] == kind), {})
+
+
+def find_pipeline_run(
+    run_id: str | None = None, tracking_uri: str | None = None, experiment: str = "calodistill"
+) -> PipelineRun:
+    """Locate a finished pipeline run in MLflow: ``run_id``, or the latest finished one that has a
+    teacher and a student.
+
+    Model directories that are not on this machine (a remote run) are downloaded from the MLflow models
+    logged by the run (tags ``teacher_model_uri`` / ``student_model_uri``).
+
+    Args:
+        run_id: the parent run id (None: the latest finished pipeline run with teacher and student).
+        tracking_uri: MLflow tracking URI (default: ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
+        experiment: the MLflow experiment of the pipeline runs.
+    """
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    client = MlflowClient(uri)
+    if run_id is None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise CalodistillError(f"{uri}: no MLflow experiment {experiment!r}; run a pipeline first")
+        candidates = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                        order_by=["attributes.start_time DESC"], max_results=200)
+        parents = [r for r in candidates if "mlflow.parentRunId" not in r.data.tags and "calodistill.dag" in r.data.tags]
+        for parent in parents:
+            run = _pipeline_run(client, parent)
+            kinds = {i["kind"] for i in run.stages.values()}
+            if {"train_teacher", "distill"} <= kinds:
+                return run
+        raise CalodistillError(f"{uri}: no finished pipeline run with a teacher and a student in {experiment!r}")
+    try:
+        parent = client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+        raise CalodistillError(f"{uri}: no MLflow run {run_id!r} ({' '.join(str(exc).split())[:200]})") from exc
+    return _pipeline_run(client, parent)
+
+
+def _pipeline_run(client: Any, parent: Any) -> PipelineRun:
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    stages: dict[str, dict[str, Any]] = {}
+    for child in children:
+        tags = child.data.tags
+        name = tags.get("calodistill.stage", child.info.run_name)
+        stage_dir = Path(tags["calodistill.stage_dir"]) if tags.get("calodistill.stage_dir") else None
+        outputs: dict[str, Path] = {}
+        marker = stage_dir / "_COMPLETE.json" if stage_dir is not None else None
+        if marker is not None and marker.is_file():
+            try:
+                recorded = json.loads(marker.read_text()).get("outputs", {})
+                outputs = {k: Path(v["path"]) for k, v in recorded.items() if isinstance(v, dict) and "path" in v}
+            except (OSError, ValueError):
+                outputs = {}
+        for role in ("teacher", "student"):
+            model_uri = tags.get(f"{role}_model_uri")
+            if model_uri and not (outputs.get("model") and outputs["model"].exists()):
+                outputs["model"] = _download_model_dir(model_uri)
+        stages[name] = {"kind": tags.get("calodistill.kind", ""), "run_id": child.info.run_id,
+                        "stage_dir": stage_dir, "outputs": outputs, "metrics": dict(child.data.metrics), "tags": tags}
+    return PipelineRun(parent.info.run_id, parent.data.tags.get("calodistill.dag", parent.info.run_name), stages)
+
+
+def _download_model_dir(model_uri: str) -> Path:
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    found = sorted(p.parent for p in local.rglob("preprocessing.json"))
+    if not found:
+        raise CalodistillError(f"{model_uri}: no model directory (preprocessing.json) in the logged model")
+    return found[0]
+
+
 # ------------------------------------------------------------------------------------------------ history
 def _load_history(model_dir: Path) -> Any | None:
     """Per-epoch training metrics of a model directory (``history.json`` or the last checkpoint)."""
@@ -497,6 +632,16 @@ def _load_history(model_dir: Path) -> Any | None:
         if isinstance(ckpt, dict) and ckpt.get("history"):
             return ckpt["history"]
     return None
+
+
+def _split_histories(name: str, history: Any) -> dict[str, Any]:
+    """``{"flow1": [...], "teacher": [...]}`` (one history per trained flow) → ``{"teacher_flow1": ..., "teacher": ...}``."""
+    if not history:
+        return {}
+    if isinstance(history, dict) and history and all(isinstance(v, list) and v and isinstance(v[0], dict)
+                                                     for v in history.values()):
+        return {(name if part == name else f"{name}_{part}"): v for part, v in history.items()}
+    return {name: history}
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -616,9 +761,8 @@ def evaluate_showers(
     for name, mdir in (("teacher", teacher_dir), ("student", student_dir)):
         if mdir is not None:
             models[name] = _load_generator(Path(mdir), name, dev)
-            history = _load_history(Path(mdir))
-            if history:
-                details.setdefault("history", {})[name] = history
+            for part, history in _split_histories(name, _load_history(Path(mdir))).items():
+                details.setdefault("history", {})[part] = history
             if sample_missing and name not in samples:
                 t0 = time.perf_counter()
                 samples[name] = _sample_model(models[name], ref, min(len(ref), model_samples), dev, seed)
