@@ -34,11 +34,14 @@ from torch import Tensor, nn
 
 from flows.errors import FlowsError
 from flows.losses import distillation_loss, kl_student_teacher
+from flows.models import FlowTrace
 from flows.training import EpochCallback, FitResult, TrainConfig, evaluate_nll, fit, resolve_device
 
 __all__ = [
     "DistillConfig",
     "distill",
+    "init_student_from_teacher",
+    "student_local_trace",
     "distillation_step_loss",
     "student_nll",
     "sample_nll",
@@ -59,6 +62,15 @@ class DistillConfig:
             cycled).
         kl_batch_size: samples per pass of the KL estimate.
         kl_seed: seed of the KL estimate's noise (the same every epoch).
+        init_from_teacher: start the student's MADEs from the teacher's weights (when the sizes
+            match; see :func:`init_student_from_teacher`).
+        x_pass: "chain" (CaloFlow II: the student runs its whole inverse pass from the teacher's z) or
+            "local" (teacher forcing: every student block gets the teacher's state on its noise side,
+            so each block regresses its own targets independently; see :func:`student_local_trace`).
+        reduction: "sum" (CaloFlow II as written) or "mean" over each squared-error term's elements.
+        params_weight: weight of the MADE-output (spline parameter) terms of the fully guided loss.
+        passes_per_epoch: passes over the training set per epoch (more optimiser steps between the
+            per-epoch validation, KL estimate and checkpoint).
     """
 
     beta: float = 0.5
@@ -66,12 +78,25 @@ class DistillConfig:
     kl_samples: int = 2000
     kl_batch_size: int = 1000
     kl_seed: int = 12345
+    init_from_teacher: bool = True
+    x_pass: str = "chain"
+    reduction: str = "sum"
+    params_weight: float = 1.0
+    passes_per_epoch: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
             raise FlowsError(f"distill config: beta must be in [0, 1], got {self.beta}")
         if self.kl_samples < 1 or self.kl_batch_size < 1:
             raise FlowsError("distill config: kl_samples and kl_batch_size must be >= 1")
+        if self.x_pass not in ("chain", "local"):
+            raise FlowsError(f"distill config: x_pass must be 'chain' or 'local', got {self.x_pass!r}")
+        if self.reduction not in ("sum", "mean"):
+            raise FlowsError(f"distill config: reduction must be 'sum' or 'mean', got {self.reduction!r}")
+        if not (self.params_weight >= 0 and math.isfinite(self.params_weight)):
+            raise FlowsError(f"distill config: params_weight must be >= 0, got {self.params_weight}")
+        if self.passes_per_epoch < 1:
+            raise FlowsError(f"distill config: passes_per_epoch must be >= 1, got {self.passes_per_epoch}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields."""
@@ -85,26 +110,95 @@ def distillation_step_loss(
     context: Tensor,
     beta: float = 0.5,
     fully_guided: bool = True,
+    reduction: str = "sum",
+    params_weight: float = 1.0,
+    x_pass: str = "chain",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One CaloFlow II loss evaluation on a batch: the x-pass and the z-pass, fast directions only.
+
+    The x-pass teacher trace runs without gradients (the teacher is frozen and its x-pass outputs are
+    targets); the z-pass teacher trace keeps the graph because its targets depend on the student's
+    samples ``x_S`` (gradients reach the student through the teacher).
 
     Args:
         teacher: the frozen MAF (``forward_trace``).
         student: the IAF (``inverse_trace``).
         x: ``(N, D)`` data-side values (preprocessed).
         context: ``(N, C)`` conditions.
-        beta, fully_guided: see :func:`flows.losses.distillation_loss`.
+        beta, fully_guided, reduction, params_weight: see :func:`flows.losses.distillation_loss`.
+        x_pass: "chain" or "local" (see :class:`DistillConfig`); with "local" the x-pass components
+            (``loss_x``, ``guided_x``) are those of the teacher-forced blocks.
 
     Returns:
         ``(loss, components)`` as :func:`flows.losses.distillation_loss`.
     """
     with torch.no_grad():
         teacher_x = teacher.forward_trace(x, context)
-    student_x = student.inverse_trace(teacher_x.outputs, context)
+    if x_pass == "local":
+        student_x = student_local_trace(student, teacher_x, context)
+    else:
+        student_x = student.inverse_trace(teacher_x.outputs, context)
     z = torch.randn_like(x)
     student_z = student.inverse_trace(z, context)
     teacher_z = teacher.forward_trace(student_z.outputs, context)  # gradients flow into the student only
-    return distillation_loss((teacher_x, student_x), (teacher_z, student_z), beta=beta, fully_guided=fully_guided)
+    return distillation_loss((teacher_x, student_x), (teacher_z, student_z), beta=beta, fully_guided=fully_guided,
+                             reduction=reduction, params_weight=params_weight)
+
+
+def student_local_trace(student: nn.Module, teacher_trace: FlowTrace, context: Tensor | None) -> FlowTrace:
+    """The student's blocks run on the teacher's states (teacher forcing), in the teacher's trace order.
+
+    Student block k gets the teacher's state on its noise side (``teacher_trace.states[k + 1]``, the
+    permutation undone) and returns its data-side output as ``states[k]`` and its MADE output as
+    ``params[k]``; ``states[-1]`` is the teacher's z. Compared with the teacher's trace by
+    :func:`flows.losses.trace_squared_error`, every block is a separate regression whose targets do not
+    depend on the other blocks, so all blocks learn at once instead of waiting for the blocks nearer
+    the noise to become right. ``logabsdet`` is the sum of the blocks' log-determinants (not that of
+    one pass).
+    """
+    cores, perms = student.cores(), student.permutations()
+    states: list[Tensor] = []
+    params: list[Tensor] = []
+    total = teacher_trace.outputs.new_zeros(teacher_trace.outputs.shape[0])
+    for k, core in enumerate(cores):
+        h = teacher_trace.states[k + 1]
+        if k < len(perms):
+            h, _ = perms[k].inverse(h)
+        p = core.params(h, context)
+        out, logabsdet = core._elementwise_forward(h, p)
+        states.append(out)
+        params.append(p)
+        total = total + logabsdet
+    states.append(teacher_trace.states[-1])
+    return FlowTrace(states[0], total, states, params)
+
+
+@torch.no_grad()
+def init_student_from_teacher(teacher: nn.Module, student: nn.Module) -> bool:
+    """Copy each teacher block's MADE weights into the matching student core (a warm start).
+
+    The student's block k computes its spline parameters from its noise-side state, the teacher's
+    from its data-side state; with the teacher's weights the student starts as the exact inverse of
+    a teacher whose blocks moved the data little, and close to it otherwise — far closer than from a
+    random initialisation (measured: see ``pipeline/distill.py``). Only possible when the student's
+    MADEs have the teacher's sizes.
+
+    Returns:
+        Whether the weights were copied (False, with a log message, when the sizes differ).
+    """
+    blocks, cores = teacher.blocks(), student.cores()
+    if len(blocks) != len(cores):
+        logger.info("init_from_teacher: %d teacher blocks vs %d student blocks; random initialisation",
+                    len(blocks), len(cores))
+        return False
+    for block, core in zip(blocks, cores):
+        t_state, s_state = block.autoregressive_net.state_dict(), core.autoregressive_net.state_dict()
+        if t_state.keys() != s_state.keys() or any(t_state[k].shape != s_state[k].shape for k in t_state):
+            logger.info("init_from_teacher: the student's MADE sizes differ from the teacher's; random initialisation")
+            return False
+    for block, core in zip(blocks, cores):
+        core.autoregressive_net.load_state_dict(block.autoregressive_net.state_dict())
+    return True
 
 
 def distill(
@@ -156,8 +250,13 @@ def distill(
     for p in teacher.parameters():
         p.requires_grad_(False)
 
+    if cfg.init_from_teacher:
+        # a resumed run overwrites these weights with its checkpoint's, so this is safe to repeat
+        init_student_from_teacher(teacher, student)
+
     def loss_fn(model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
-        return distillation_step_loss(teacher, model, batch[0], batch[1], cfg.beta, cfg.fully_guided)
+        return distillation_step_loss(teacher, model, batch[0], batch[1], cfg.beta, cfg.fully_guided,
+                                      cfg.reduction, cfg.params_weight, cfg.x_pass)
 
     val_batches = [
         (x_val[i : i + train_config.eval_batch_size], c_val[i : i + train_config.eval_batch_size])
@@ -179,10 +278,13 @@ def distill(
         return metrics
 
     try:
+        train_data = (x_train, c_train)
+        if cfg.passes_per_epoch > 1:
+            train_data = (x_train.repeat(cfg.passes_per_epoch, 1), c_train.repeat(cfg.passes_per_epoch, 1))
         return fit(
             student,
             loss_fn,
-            (x_train, c_train),
+            train_data,
             train_config,
             checkpoint_dir,
             validate=validate,

@@ -4,8 +4,11 @@ Direction convention (as everywhere in flows/): ``forward`` is data → noise, `
 The MAF teacher is fast forward, the IAF student fast inverse. Distillation uses each model only in its
 fast direction.
 
-Every squared error here is summed over all non-batch dimensions and averaged over the batch, so that
-``L_x`` is "the mean over the batch of ‖x_S − x‖²" exactly as written in CaloFlow II.
+By default (``reduction="sum"``) every squared error is summed over all non-batch dimensions and
+averaged over the batch, so that ``L_x`` is "the mean over the batch of ‖x_S − x‖²" exactly as written
+in CaloFlow II. ``reduction="mean"`` averages over the elements instead, so that each fully-guided term
+(a state of D values, or a MADE output of D·(3·bins − 1) spline parameters) weighs the same whatever
+its size; ``params_weight`` scales the MADE-output terms against the state terms.
 
 References:
     G. Papamakarios, T. Pavlakou, I. Murray, "Masked Autoregressive Flow for Density Estimation",
@@ -65,22 +68,32 @@ def nll_loss(flow: _LogProbModel, inputs: Tensor, context: Tensor | None = None)
     return -flow.log_prob(inputs, context=context).mean()
 
 
-def squared_error(a: Tensor, b: Tensor) -> Tensor:
+REDUCTIONS = ("sum", "mean")
+
+
+def squared_error(a: Tensor, b: Tensor, reduction: str = "sum") -> Tensor:
     """``mean over the batch of ‖a − b‖²``, the squared error summed over every non-batch dimension.
 
     Args:
         a, b: tensors of equal shape, batch first.
+        reduction: "sum" (‖a − b‖², batch mean) or "mean" (mean over every element).
 
     Returns:
         A scalar tensor.
     """
     if a.shape != b.shape:
         raise ValueError(f"squared_error: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    if reduction == "mean":
+        return (a - b).pow(2).mean()
+    if reduction != "sum":
+        raise ValueError(f"squared_error: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     diff = (a - b).reshape(a.shape[0], -1)
     return diff.pow(2).sum(dim=1).mean()
 
 
-def trace_squared_error(teacher_trace: FlowTrace, student_trace: FlowTrace) -> Tensor:
+def trace_squared_error(
+    teacher_trace: FlowTrace, student_trace: FlowTrace, reduction: str = "sum", params_weight: float = 1.0
+) -> Tensor:
     """Fully guided squared error: every block's state and every MADE output, block by block.
 
     ``states[k]`` of the student pairs with ``states[k]`` of the teacher (``states[0]`` data side,
@@ -89,9 +102,11 @@ def trace_squared_error(teacher_trace: FlowTrace, student_trace: FlowTrace) -> T
     Args:
         teacher_trace: the teacher's ``forward_trace``.
         student_trace: the student's ``inverse_trace``.
+        reduction: "sum" or "mean" over each term's elements (see :func:`squared_error`).
+        params_weight: weight of the MADE-output terms.
 
     Returns:
-        ``Σ_k ‖s_k^S − s_k^T‖² + Σ_k ‖θ_k^S − θ_k^T‖²``, each term a batch mean.
+        ``Σ_k ‖s_k^S − s_k^T‖² + w·Σ_k ‖θ_k^S − θ_k^T‖²``, each term a batch mean.
 
     References:
         Krause, Shih, CaloFlow II, arXiv:2110.11377, section 3 ("fully guided" teacher–student training).
@@ -106,9 +121,10 @@ def trace_squared_error(teacher_trace: FlowTrace, student_trace: FlowTrace) -> T
         )
     total = teacher_trace.states[0].new_zeros(())
     for s_t, s_s in zip(teacher_trace.states, student_trace.states):
-        total = total + squared_error(s_s, s_t)
-    for p_t, p_s in zip(teacher_trace.params, student_trace.params):
-        total = total + squared_error(p_s, p_t)
+        total = total + squared_error(s_s, s_t, reduction)
+    if params_weight > 0:
+        for p_t, p_s in zip(teacher_trace.params, student_trace.params):
+            total = total + params_weight * squared_error(p_s, p_t, reduction)
     return total
 
 
@@ -117,6 +133,8 @@ def distillation_loss(
     z_pass: tuple[FlowTrace, FlowTrace],
     beta: float = 0.5,
     fully_guided: bool = True,
+    reduction: str = "sum",
+    params_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CaloFlow II teacher–student loss: ``(1 − β)·L_z + β·L_x``.
 
@@ -132,6 +150,9 @@ def distillation_loss(
         z_pass: ``(teacher_trace, student_trace)`` of the z-pass.
         beta: weight of the x-pass, in [0, 1].
         fully_guided: use every state and MADE output, not only the end points.
+        reduction: "sum" or "mean" over each term's elements (see :func:`squared_error`); the reported
+            ``loss_x`` / ``loss_z`` are always sums (‖·‖², batch means) so they compare across settings.
+        params_weight: weight of the MADE-output terms in the fully guided sums.
 
     Returns:
         ``(loss, components)``; components (detached) are ``loss_x`` (‖x_S − x‖², data end of the x-pass),
@@ -144,13 +165,20 @@ def distillation_loss(
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"distillation_loss: beta must be in [0, 1], got {beta}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"distillation_loss: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if params_weight < 0:
+        raise ValueError(f"distillation_loss: params_weight must be >= 0, got {params_weight}")
     teacher_x, student_x = x_pass
     teacher_z, student_z = z_pass
     loss_x = squared_error(student_x.states[0], teacher_x.states[0])
     loss_z = squared_error(teacher_z.states[-1], student_z.states[-1])
     if fully_guided:
-        guided_x = trace_squared_error(teacher_x, student_x)
-        guided_z = trace_squared_error(teacher_z, student_z)
+        guided_x = trace_squared_error(teacher_x, student_x, reduction, params_weight)
+        guided_z = trace_squared_error(teacher_z, student_z, reduction, params_weight)
+    elif reduction == "mean":
+        guided_x = squared_error(student_x.states[0], teacher_x.states[0], "mean")
+        guided_z = squared_error(teacher_z.states[-1], student_z.states[-1], "mean")
     else:
         guided_x, guided_z = loss_x, loss_z
     loss = (1.0 - beta) * guided_z + beta * guided_x

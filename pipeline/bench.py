@@ -397,8 +397,9 @@ def _sampling_section(teacher: Any, student: Any, device: torch.device, batches:
         if with_floor:
             best: dict[str, Any] | None = None
             for chunk in dict.fromkeys([None, chunk_size if chunk_size and chunk_size < fb else None]):
+                fast = row["student_fast"]  # same repeats and warm-up as the sampler (within its budget)
                 t = Timing(fb, time_calls(matmul_floor_call(sampler, fb, chunk, device), device,
-                                          max(repeats, 3), warmup), warmup)
+                                          fast["repeats"], fast["warmup"]), fast["warmup"])
                 cand = {**t.to_dict(), "chunk": chunk, "gflops": flops * fb / t.median_s / 1e9}
                 if best is None or cand["median_s"] < best["median_s"]:
                     best = cand

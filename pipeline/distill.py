@@ -36,7 +36,15 @@ from pipeline.train import (
     shower_summary,
 )
 
-__all__ = ["StudentSettings", "DistillStageConfig", "distill_student", "configure_parser", "run_cli"]
+__all__ = [
+    "StudentSettings",
+    "DistillStageConfig",
+    "distill_student",
+    "flow2_observables",
+    "compare_flow2_observables",
+    "configure_parser",
+    "run_cli",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +101,63 @@ class DistillStageConfig:
     eval_batch_size: int = 2048
     check_samples: int = 1000
     teacher_check_samples: int = 100
+
+
+def flow2_observables(geometry: Any, voxels: np.ndarray) -> dict[str, float]:
+    """Voxel-level observables that Flow II alone decides (given the layer energies), per layer k.
+
+    ``sparsity_k`` (fraction of non-zero voxels), ``centroid_x_k`` / ``centroid_y_k`` (mean of the
+    energy-weighted x / y centroid, mm, over showers with energy in the layer) and ``width_r_k`` (mean
+    energy-weighted rms distance from that centroid, mm).
+    """
+    vox = np.asarray(voxels, dtype=np.float64)
+    out: dict[str, float] = {}
+    for k, (layer, sl) in enumerate(zip(geometry.layers, geometry.layer_slices)):
+        v = vox[:, sl]
+        cx, cy = layer.cell_xy()
+        e = v.sum(axis=1)
+        ok = e > 0
+        out[f"sparsity_{k}"] = float((v > 0).mean())
+        if not ok.any():
+            out[f"centroid_x_{k}"] = out[f"centroid_y_{k}"] = out[f"width_r_{k}"] = float("nan")
+            continue
+        w = v[ok] / e[ok, None]
+        mx, my = w @ cx, w @ cy
+        r2 = w @ (cx**2 + cy**2) - mx**2 - my**2
+        out[f"centroid_x_{k}"] = float(mx.mean())
+        out[f"centroid_y_{k}"] = float(my.mean())
+        out[f"width_r_{k}"] = float(np.sqrt(np.clip(r2, 0.0, None)).mean())
+    return out
+
+
+def compare_flow2_observables(geometry: Any, teacher_voxels: np.ndarray, student_voxels: np.ndarray) -> dict[str, float]:
+    """Teacher vs student :func:`flow2_observables` on paired showers (same Flow I layer energies).
+
+    Returns each observable for both (``_teacher`` / ``_student``), relative differences of the
+    sparsities and widths (``_rel_diff``), absolute differences of the centroids (``_abs_diff_mm``),
+    ``voxel_mean_rel_l1`` (Σ|mean student voxel − mean teacher voxel| / Σ mean teacher voxel),
+    ``voxel_mean_rel_l1_k`` per layer and ``flow2_max_rel_diff`` (the worst sparsity/width relative
+    difference).
+    """
+    t_obs, s_obs = flow2_observables(geometry, teacher_voxels), flow2_observables(geometry, student_voxels)
+    out: dict[str, float] = {}
+    worst = 0.0
+    for key, t in t_obs.items():
+        v = s_obs[key]
+        out[f"{key}_teacher"], out[f"{key}_student"] = t, v
+        if key.startswith("centroid"):
+            out[f"{key}_abs_diff_mm"] = abs(v - t)
+        else:
+            rel = abs(v - t) / abs(t) if t else float("inf")
+            out[f"{key}_rel_diff"] = rel
+            worst = max(worst, rel)
+    out["flow2_max_rel_diff"] = worst
+    t_mean = np.asarray(teacher_voxels, dtype=np.float64).mean(axis=0)
+    s_mean = np.asarray(student_voxels, dtype=np.float64).mean(axis=0)
+    out["voxel_mean_rel_l1"] = float(np.abs(s_mean - t_mean).sum() / max(t_mean.sum(), 1e-12))
+    for k, sl in enumerate(geometry.layer_slices):
+        out[f"voxel_mean_rel_l1_{k}"] = float(np.abs(s_mean[sl] - t_mean[sl]).sum() / max(t_mean[sl].sum(), 1e-12))
+    return out
 
 
 def _load_teacher_dir(teacher_dir: Path) -> tuple[Any, Any, Any]:
@@ -235,7 +300,9 @@ def distill_student(
     logger.info("test NLL (%d showers): student %.3f, teacher %.3f (rel. diff %.3g); KL %.4g nats",
                 n_sub, s_nll, teacher_nll_sub, metrics["test_nll_rel_diff"], kl)
 
-    # samples: student (one pass) vs teacher (D passes) at the same test energies, and vs the data
+    # samples: student (one pass) vs the data, and student vs teacher (D passes) at the same test energies
+    # with the same seed and batch size, so both draw the same Flow I layer energies and the same Flow II
+    # noise: the student–teacher comparison measures Flow II alone (paired showers)
     rng = np.random.default_rng(cfg.seed + 30)
     data_summary = shower_summary(test.incident_energy, test.layer_energies)
     if cfg.check_samples > 0:
@@ -252,15 +319,15 @@ def distill_student(
             m = min(cfg.teacher_check_samples, n)
             t_gen = ShowerGenerator(pre, flow1, teacher, device=dev)
             t_s = time.perf_counter()
-            t_vox = t_gen.sample(energies[:m], batch_size=cfg.eval_batch_size, seed=cfg.seed + 1, progress=cfg.progress)
+            t_vox, t_layers = t_gen.sample_with_layers(energies[:m], batch_size=cfg.eval_batch_size, seed=cfg.seed + 1,
+                                                       progress=cfg.progress)
             metrics["teacher_sample_ms_per_shower"] = 1e3 * (time.perf_counter() - t_s) / m
+            p_vox, p_layers = s_gen.sample_with_layers(energies[:m], batch_size=cfg.eval_batch_size, seed=cfg.seed + 1)
+            metrics["flow1_layers_max_abs_diff"] = float(np.abs(p_layers.astype(np.float64) - t_layers).max())
             t_sum = shower_summary(energies[:m], geometry.layer_energies(t_vox.astype(np.float64)))
-            s_sum_m = shower_summary(energies[:m], geometry.layer_energies(s_vox[:m].astype(np.float64)))
-            metrics.update(compare_summaries(t_sum, s_sum_m, "teacher", "student"))
-            t_mean, s_mean = t_vox.mean(axis=0).astype(np.float64), s_vox[:m].mean(axis=0).astype(np.float64)
-            metrics["voxel_mean_rel_l1"] = float(np.abs(s_mean - t_mean).sum() / max(t_mean.sum(), 1e-12))
-            metrics["sparsity_teacher"] = float((t_vox > 0).mean())
-            metrics["sparsity_student"] = float((s_vox[:m] > 0).mean())
+            p_sum = shower_summary(energies[:m], geometry.layer_energies(p_vox.astype(np.float64)))
+            metrics.update(compare_summaries(t_sum, p_sum, "teacher", "student"))
+            metrics.update(compare_flow2_observables(geometry, t_vox, p_vox))
     metrics["distill_time_s"] = time.perf_counter() - t0
     _atomic_write_json(out_dir / "metrics.json", metrics)
     if log_metrics is not None:

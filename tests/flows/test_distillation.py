@@ -14,6 +14,8 @@ from flows.distillation import (
     DistillConfig,
     distill,
     distillation_step_loss,
+    init_student_from_teacher,
+    student_local_trace,
     paired_max_error,
     sample_nll,
     student_nll,
@@ -116,6 +118,62 @@ def test_untrained_student_has_positive_loss_and_kl_and_components() -> None:
     assert kl_student_teacher(student, teacher, c, n=512) > 0.05
 
 
+def test_mean_reduction_and_params_weight() -> None:
+    teacher = _teacher("spline", n_blocks=2)
+    student = build_iaf_like(teacher)
+    x, c = _data(teacher, 32, seed=1)
+    t = teacher.forward_trace(x, c)
+    s = student.inverse_trace(t.outputs, c)
+    summed = float(squared_error(s.states[0], t.states[0]))
+    assert float(squared_error(s.states[0], t.states[0], "mean")) == pytest.approx(summed / x.shape[1], rel=1e-6)
+    _, states_only = distillation_loss((t, s), (t, s), beta=1.0, params_weight=0.0)
+    _, both = distillation_loss((t, s), (t, s), beta=1.0, params_weight=1.0)
+    params_sum = sum(float(squared_error(ps, pt)) for pt, ps in zip(t.params, s.params))
+    assert float(both["guided_x"]) == pytest.approx(float(states_only["guided_x"]) + params_sum, rel=1e-5)
+    _, mean = distillation_loss((t, s), (t, s), beta=1.0, reduction="mean")
+    expected = sum(float(squared_error(a, b, "mean")) for a, b in zip(s.states + s.params, t.states + t.params))
+    assert float(mean["guided_x"]) == pytest.approx(expected, rel=1e-5)
+    assert float(mean["loss_x"]) == pytest.approx(summed, rel=1e-6)  # reported end points stay sums
+    with pytest.raises(ValueError, match="reduction"):
+        distillation_loss((t, s), (t, s), reduction="max")
+
+
+@pytest.mark.parametrize("kind", ["affine", "spline"])
+def test_init_from_teacher_copies_made_weights(kind: str) -> None:
+    # for the tiny teacher (blocks independent of the inputs) the teacher's weights are the exact student
+    teacher = _teacher(kind, n_blocks=2, dtype=torch.float64)
+    student = build_iaf_like(teacher)
+    x, c = _data(teacher, 64, seed=1)
+    assert paired_max_error(teacher, student, x, c)[0] > 1e-3
+    assert init_student_from_teacher(teacher, student)
+    assert paired_max_error(teacher, student, x, c)[0] < 1e-10
+    # different MADE sizes: nothing copied
+    other = build_iaf_like(teacher, hidden_features=8)
+    before = [p.clone() for p in other.parameters()]
+    assert not init_student_from_teacher(teacher, other)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+
+
+def test_local_x_pass_is_zero_for_exact_student_and_trains_each_block() -> None:
+    teacher = _teacher("spline", n_blocks=3, dtype=torch.float64)
+    student = build_iaf_like(teacher)
+    x, c = _data(teacher, 32, seed=1)
+    t = teacher.forward_trace(x, c)
+    local = student_local_trace(student, t, c)
+    assert len(local.states) == len(t.states) and len(local.params) == len(t.params)
+    assert torch.equal(local.states[-1], t.states[-1])
+    # each block's output depends only on its own weights: block 0's output is unchanged when block 1 changes
+    with torch.no_grad():
+        for q in student.cores()[1].parameters():
+            q.add_(1.0)
+    again = student_local_trace(student, t, c)
+    assert torch.equal(again.states[0], local.states[0]) and not torch.allclose(again.states[1], local.states[1])
+    _copy_into_student(teacher, student)
+    with torch.no_grad():
+        loss, comps = distillation_step_loss(teacher, student, x, c, x_pass="local")
+    assert float(loss) < 1e-18 and float(comps["loss_x"]) < 1e-20
+
+
 def test_distillation_loss_rejects_bad_beta_and_mismatched_traces() -> None:
     teacher = _teacher(n_blocks=2)
     student = build_iaf_like(teacher)
@@ -147,7 +205,7 @@ def _run_distill(tmp_path: Path, epochs: int, kind: str, n_blocks: int) -> tuple
     distill(
         teacher, student, x, c, xv, cv,
         TrainConfig(epochs=epochs, batch_size=32, lr=3e-2, patience=0, schedule="onecycle", seed=1),
-        DistillConfig(kl_samples=2048, kl_batch_size=1024),
+        DistillConfig(kl_samples=2048, kl_batch_size=1024, init_from_teacher=False),  # the optimisation, from scratch
         tmp_path / "ckpt",
         on_epoch_end=lambda m, e: history.append(m),
         progress=False,
@@ -229,3 +287,29 @@ def test_distill_nan_guard(tmp_path: Path) -> None:
 def test_distill_config_rejects_bad_values() -> None:
     with pytest.raises(FlowsError, match="beta"):
         DistillConfig(beta=2.0)
+    with pytest.raises(FlowsError, match="reduction"):
+        DistillConfig(reduction="max")
+    with pytest.raises(FlowsError, match="x_pass"):
+        DistillConfig(x_pass="forced")
+    with pytest.raises(FlowsError, match="params_weight"):
+        DistillConfig(params_weight=-1.0)
+    with pytest.raises(FlowsError, match="passes_per_epoch"):
+        DistillConfig(passes_per_epoch=0)
+
+
+def test_passes_per_epoch_multiplies_steps(tmp_path: Path) -> None:
+    teacher = _teacher("affine", 1)
+    x, c = _data(teacher, 64, seed=1)
+    steps: list[int] = []
+    counting = build_iaf_like(teacher)
+    original = counting.inverse_trace
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if torch.is_grad_enabled():
+            steps.append(1)
+        return original(*args, **kwargs)
+
+    counting.inverse_trace = counted  # type: ignore[method-assign]
+    distill(teacher, counting, x, c, x[:16], c[:16], TrainConfig(epochs=1, batch_size=16, patience=0),
+            DistillConfig(kl_samples=16, passes_per_epoch=3), progress=False)
+    assert len(steps) == 2 * 3 * 4  # two student passes per step, 3 passes of 4 batches

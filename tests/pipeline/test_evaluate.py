@@ -200,6 +200,10 @@ def _tiny_model_dirs(tmp_path: Path, showers: Showers) -> tuple[Path, Path]:
     student = build_iaf_like(teacher)  # same blocks and permutations, its own (untrained) weights
     save_generator_dir(tmp_path / "teacher", pre, flow1, f1cfg, teacher, f2cfg, kind="teacher")
     save_generator_dir(tmp_path / "student", pre, flow1, f1cfg, student, student.config, kind="student")
+    # training histories as pipeline.train / pipeline.distill write them: one list of epoch dicts per flow
+    epochs = [{"epoch": 1.0, "train_nll": 3.0, "val_nll": 3.2}, {"epoch": 2.0, "train_nll": 2.5, "val_nll": 2.9}]
+    (tmp_path / "teacher" / "history.json").write_text(json.dumps({"flow1": epochs, "teacher": epochs}))
+    (tmp_path / "student" / "history.json").write_text(json.dumps({"student": [{"epoch": 1.0, "kl": 0.5}]}))
     return tmp_path / "teacher", tmp_path / "student"
 
 
@@ -225,6 +229,7 @@ def test_model_metrics_with_tiny_untrained_flows(tmp_path: Path) -> None:
         assert key in metrics and np.isfinite(metrics[key]), key
     assert metrics["n_teacher"] == 40
     plots = {p.name for p in (tmp_path / "eval" / "plots").rglob("*.png")}
-    assert {"nll_per_energy_bin.png", "kl_per_energy_bin.png", "average_showers.png"} <= plots
+    assert {"nll_per_energy_bin.png", "kl_per_energy_bin.png", "average_showers.png", "training_teacher.png",
+            "training_teacher_flow1.png", "training_student.png"} <= plots
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "KL(student" in report and "| student |" in report

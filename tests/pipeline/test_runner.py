@@ -223,3 +223,41 @@ def test_cli_prints_summary_and_exit_codes(tmp_path: Path, capsys: pytest.Captur
     rc = main(["run", str(dag), "--no-tracking", "--set", "nosuch.x=1"])
     assert rc == 2
     assert "calodistill: error:" in capsys.readouterr().err
+
+
+TINY_OVERRIDES = [
+    'ingest.inputs.sources=["synth:calogan?n=1500&seed=1&spectrum=uniform"]',
+    "train_teacher.flow1.train.epochs=1", "train_teacher.teacher.train.epochs=1",
+    "train_teacher.teacher.model.hidden_features=32", "train_teacher.flow1.model.hidden_features=16",
+    "train_teacher.check_samples=5", "train_teacher.check_batch_size=5",
+    "distill.train.epochs=1", "distill.student.hidden_features=32", "distill.distill.kl_samples=50",
+    "distill.nll_subset=5", "distill.check_samples=50", "distill.teacher_check_samples=5",
+    "distill.timing_batch=100", "distill.teacher_timing_batch=5", "distill.timing_repeats=1",
+    "generate_student.n=200", "generate_teacher.n=100", "generate_teacher.batch_size=100",
+    "evaluate.max_showers=200", "evaluate.likelihood_max_showers=100", "evaluate.student_nll_max_showers=5",
+    "evaluate.kl_samples=50", "evaluate.timing_batch_sizes=[1]", "evaluate.classifier={max_epochs: 2, patience: 1}",
+]
+
+
+@pytest.mark.slow
+def test_tiny_real_pipeline_end_to_end(tmp_path: Path) -> None:
+    """dags/quickstart.yaml with tiny sizes: every real stage runs, then a rerun skips them all."""
+    from mlflow.tracking import MlflowClient
+
+    repo = Path(__file__).resolve().parents[2]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = run_pipeline(repo / "dags" / "quickstart.yaml", overrides=TINY_OVERRIDES, run_root=tmp_path / "runs",
+                         tracking_uri=uri)
+    assert first.ok, first.format_table()
+    distill = first.metrics["distill"]
+    for key in ("test_nll", "kl_student_teacher", "sample_ms_per_shower", "teacher_sample_ms_per_shower",
+                "speedup_vs_teacher"):
+        assert key in distill
+    assert distill["speedup_vs_teacher"] > 1.0
+    assert {"auc_low_teacher", "auc_low_student", "auc_high_teacher", "auc_high_student",
+            "auc_baseline"} <= set(first.metrics["evaluate"])
+    client = MlflowClient(uri, registry_uri=uri)
+    assert client.get_model_version_by_alias("calodistill-quickstart-student", "champion")
+    second = run_pipeline(repo / "dags" / "quickstart.yaml", overrides=TINY_OVERRIDES, run_root=tmp_path / "runs",
+                          tracking_uri=uri)
+    assert all(s.status == "skipped" for s in second.stages)
