@@ -8,6 +8,10 @@ blocks, permutations, spline and floating-point dtype), with the per-call overhe
   for ``torch.addmm``; the permutations between blocks are folded into the weights (columns of the
   input layer, rows of the output layer), so the state never moves in memory and one gather at the end
   restores the data order.
+- **Masked zeros skipped.** With one hidden layer per MADE, hidden units are sorted by their MADE
+  degree and the output layer is split into groups of consecutive features, each group multiplying
+  only the hidden units it is connected to: ~55 % of the dense FLOPs, the same result (only exact
+  zeros of the autoregressive mask are left out). ``groups=1`` keeps the dense product.
 - **Fused conditioning.** The context enters every block through a dense layer; the K context
   layers (and the input-layer biases) are stacked into one matrix, one ``addmm`` per batch.
 - **Parameter layout.** The output layer's rows are reordered so that the MADE output of a block is
@@ -44,7 +48,8 @@ from flows.models import IAF
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FastIAFSampler", "rqs_inverse", "rqs_knots", "matmul_floor_shapes", "fast_inverse"]
+__all__ = ["FastIAFSampler", "rqs_inverse", "rqs_knots", "matmul_floor_shapes", "fast_inverse",
+           "dense_flops_per_sample"]
 
 
 def rqs_knots(unnormalized: Tensor, min_size: float, tail_bound: float) -> tuple[Tensor, Tensor]:
@@ -147,10 +152,13 @@ class _Block:
 
     w_in: Tensor                 # (D, H), columns follow the physical state layout
     hidden: list[tuple[Tensor, Tensor]]  # (W (H, H), b (H,)) for hidden layers 2..L
-    w_out: Tensor                # (H, M·D), output ordered (param slot, physical feature)
-    b_out: Tensor                # (M·D,)
+    w_out: Tensor | None         # (H, M·D), output ordered (param slot, physical feature); None if grouped
+    b_out: Tensor | None         # (M·D,)
     activation: Callable[[Tensor], Tensor]
     inplace_relu: bool
+    # structured output layer: (first feature, last feature + 1, hidden units used, W (h, M·n), b (M·n,))
+    groups: list[tuple[int, int, int, Tensor, Tensor]] | None = None
+    pre_index: Tensor | None = None  # gather applied to the state before the block (structured mode)
 
 
 class FastIAFSampler:
@@ -159,22 +167,32 @@ class FastIAFSampler:
     ``sampler(z, context)`` equals ``flow.inverse(z, context)[0]`` (and, with ``need_logabsdet``, its
     logabsdet) to floating-point tolerance, for spline and affine students.
 
+    With ``groups`` > 1 (one-hidden-layer MADEs), the output layer skips the products that its
+    autoregressive mask zeroes: hidden units are sorted by MADE degree and the D outputs split into
+    ``groups`` contiguous ranges, range g using only the hidden units it is connected to (about
+    (groups + 1) / (2·groups) of the dense FLOPs). Only exact zeros are skipped.
+
     Args:
         flow: the IAF student (its dtype and device are used).
         chunk_size: rows per chunk for large batches (None: no chunking).
+        groups: output-layer groups (1: the dense product).
 
     Example:
         >>> sampler = FastIAFSampler(student)            # doctest: +SKIP
         >>> x = sampler(torch.randn(10_000, D), context)  # doctest: +SKIP
     """
 
-    def __init__(self, flow: IAF, chunk_size: int | None = 256) -> None:
+    def __init__(self, flow: IAF, chunk_size: int | None = 256, groups: int = 16) -> None:
         if not isinstance(flow, IAF):
             raise FlowsError(f"flow: FastIAFSampler needs an IAF student, got {type(flow).__name__}")
         if chunk_size is not None and chunk_size < 1:
             raise FlowsError(f"chunk_size: must be positive or None, got {chunk_size}")
+        if groups < 1:
+            raise FlowsError(f"groups: must be positive, got {groups}")
         self.flow = flow
         self.chunk_size = chunk_size
+        self.groups = min(groups, flow.config.features)
+        self.structured = self.groups > 1 and flow.config.n_hidden_layers == 1
         self.refresh()
 
     # -- weights ---------------------------------------------------------------------------------
@@ -196,11 +214,21 @@ class FastIAFSampler:
         ctx_w: list[Tensor] = []
         ctx_b: list[Tensor] = []
         for k in range(len(cores) - 1, -1, -1):
+            pre_index = None
             if k < len(perms):
                 perm = perms[k]._permutation.to(self.device)
-                idx = idx[torch.argsort(perm)]          # logical state ← state[:, argsort(perm)]
+                if self.structured:                     # keep the state in the block's own order
+                    pre_index = torch.argsort(perm)
+                else:
+                    idx = idx[torch.argsort(perm)]      # logical state ← state[:, argsort(perm)]
             pos = torch.argsort(idx)                    # physical column c holds logical feature pos[c]
             made = cores[k].autoregressive_net
+            if self.structured:
+                ctx_part = self._structured_block(made, pre_index, d, m, blocks)
+                if ctx_part[0] is not None:
+                    ctx_w.append(ctx_part[0])
+                ctx_b.append(ctx_part[1])
+                continue
             layers = made.hidden_layers
             first = layers[0]
             w_in = (first.weight * first.mask)[:, pos]
@@ -232,6 +260,35 @@ class FastIAFSampler:
         else:
             self.affine_epsilon = float(cores[0]._epsilon)
 
+    def _structured_block(self, made: torch.nn.Module, pre_index: Tensor | None, d: int, m: int,
+                          blocks: list[_Block]) -> tuple[Tensor | None, Tensor]:
+        """Append one block with hidden units sorted by degree and a grouped output layer."""
+        first, out = made.hidden_layers[0], made.output_layer
+        order = torch.argsort(first.degrees, stable=True)
+        w_in = (first.weight * first.mask)[order]
+        bias = first.bias.detach()[order]
+        ctx_w = None
+        if made.context_layer is not None:
+            ctx_w = made.context_layer.weight.detach()[order]
+            bias = bias + made.context_layer.bias.detach()[order]
+        w3 = (out.weight * out.mask).view(d, m, -1)[:, :, order]      # (D, M, H), hidden sorted
+        b2 = out.bias.detach().view(d, m)
+        used = (w3 != 0).any(dim=1)                                     # (D, H) connections
+        connected = (out.mask.view(d, m, -1)[:, :, order] != 0).any(dim=1)
+        bounds = [round(g * d / self.groups) for g in range(self.groups + 1)]
+        groups = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            if e <= s:
+                continue
+            cols = (connected[s:e] | used[s:e]).any(dim=0).nonzero()
+            h = int(cols.max()) + 1 if cols.numel() else 1
+            wg = w3[s:e, :, :h].permute(1, 0, 2).reshape(m * (e - s), h).t().contiguous()
+            bg = b2[s:e].t().reshape(-1).contiguous()
+            groups.append((s, e, h, wg, bg))
+        act = made._activation
+        blocks.append(_Block(w_in.t().contiguous(), [], None, None, act, act is F.relu, groups, pre_index))
+        return ctx_w, bias
+
     def matmul_shapes(self, batch: int) -> list[tuple[int, int, int]]:
         """The dense products of one call at ``batch`` rows: ``(rows, inner, cols)`` each."""
         return matmul_floor_shapes(self, batch)
@@ -259,12 +316,19 @@ class FastIAFSampler:
         h = z
         total = z.new_zeros(n) if need_logabsdet else None
         for j, blk in enumerate(self.blocks):
+            if blk.pre_index is not None:
+                h = h[:, blk.pre_index]
             a = torch.addmm(ctx_all[:, j * hid:(j + 1) * hid], h, blk.w_in)
             a = a.clamp_min_(0.0) if blk.inplace_relu else blk.activation(a)
             for w, b in blk.hidden:
                 a = torch.addmm(b, a, w)
                 a = a.clamp_min_(0.0) if blk.inplace_relu else blk.activation(a)
-            p = torch.addmm(blk.b_out, a, blk.w_out).view(n, self.multiplier, d)
+            if blk.groups is not None:
+                p = a.new_empty((n, self.multiplier, d))
+                for s, e, hg, wg, bg in blk.groups:
+                    p[:, :, s:e] = torch.addmm(bg, a[:, :hg], wg).view(n, self.multiplier, e - s)
+            else:
+                p = torch.addmm(blk.b_out, a, blk.w_out).view(n, self.multiplier, d)
             if self.kind == "spline":
                 nb = self.num_bins
                 h, lad = rqs_inverse(h, p[:, :nb], p[:, nb:2 * nb], p[:, 2 * nb:], self.tail_bound,
@@ -326,5 +390,18 @@ def matmul_floor_shapes(sampler: FastIAFSampler, batch: int) -> list[tuple[int, 
         shapes.append((batch, blk.w_in.shape[0], blk.w_in.shape[1]))
         for w, _ in blk.hidden:
             shapes.append((batch, w.shape[0], w.shape[1]))
-        shapes.append((batch, blk.w_out.shape[0], blk.w_out.shape[1]))
+        if blk.groups is not None:
+            shapes.extend((batch, wg.shape[0], wg.shape[1]) for _, _, _, wg, _ in blk.groups)
+        else:
+            assert blk.w_out is not None
+            shapes.append((batch, blk.w_out.shape[0], blk.w_out.shape[1]))
     return shapes
+
+
+def dense_flops_per_sample(flow: IAF) -> int:
+    """2 × multiply–adds of the student's MADEs as dense layers (masked zeros counted), per sample."""
+    cfg = flow.config
+    m = 3 * cfg.num_bins - 1 if cfg.kind == "spline" else 2
+    h, d = cfg.hidden_features, cfg.features
+    per_block = d * h + cfg.context_features * h + (cfg.n_hidden_layers - 1) * h * h + h * m * d
+    return 2 * cfg.n_blocks * per_block

@@ -267,7 +267,10 @@ def plot_nll_per_energy_bin(
     for c, (label, values) in zip(_COLOURS[1:] * 4, nll.items()):
         ax.plot(centres, np.asarray(values, dtype=np.float64), marker="o", color=c, label=label)
     if np.all(edges > 0) and edges[-1] / edges[0] > 20:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("incident energy [MeV]")
     ax.set_ylabel(ylabel)
     ax.legend(frameon=False)

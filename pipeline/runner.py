@@ -622,9 +622,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """``calodistill run``: run the pipeline, print the summary table; exit 1 if a stage failed."""
-    summary = run_pipeline(args.dag, scheduler=args.scheduler, overrides=tuple(args.overrides),
-                           run_root=args.runs_dir, tracking_uri=args.tracking_uri, force=tuple(args.force),
-                           track=not args.no_tracking)
+    """``calodistill run``: run the pipeline, print the summary table; exit 1 if a stage failed.
+
+    SIGTERM is handled like Ctrl-C: the cluster is shut down, the MLflow runs are marked KILLED, and
+    the stage that was running stays incomplete (its next run resumes it).
+    """
+    import signal
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        summary = _run_from_args(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(summary.format_table())
     return 0 if summary.ok else 1
+
+
+def _run_from_args(args: argparse.Namespace) -> RunSummary:
+    return run_pipeline(args.dag, scheduler=args.scheduler, overrides=tuple(args.overrides),
+                           run_root=args.runs_dir, tracking_uri=args.tracking_uri, force=tuple(args.force),
+                           track=not args.no_tracking)

@@ -325,8 +325,11 @@ def _model_artifacts(model_dir: Path) -> list[tuple[str, str]]:
     arts = [(str(p), "model") for p in _small_files(model_dir, patterns=("*.json", "*.yaml", "*.md"))]
     ckpt = model_dir / "checkpoints"
     if ckpt.is_dir():
-        best = sorted(ckpt.glob("*best*")) or sorted(ckpt.glob("*"))
-        arts.extend((str(p), "checkpoints") for p in best if p.is_file() and p.stat().st_size < 500_000_000)
+        best = sorted(ckpt.rglob("*best*")) or sorted(ckpt.rglob("*.pt"))
+        for p in best:
+            if p.is_file() and p.stat().st_size < 500_000_000:
+                rel = p.parent.relative_to(ckpt)
+                arts.append((str(p), "checkpoints" if str(rel) == "." else f"checkpoints/{rel.as_posix()}"))
     return arts
 
 

@@ -31,10 +31,10 @@ REDUCED_QUICKSTART = [
     "distill.teacher_timing_batch=10",
     "distill.timing_repeats=1",
     "generate_student.n=300",
-    "generate_teacher.n=300",
+    "generate_teacher.n=40",  # the MAF teacher samples with D sequential passes: slow on a CPU
     "evaluate.max_showers=300",
     "evaluate.likelihood_max_showers=300",
-    "evaluate.student_nll_max_showers=10",
+    "evaluate.student_nll_max_showers=5",
     "evaluate.kl_samples=100",
     "evaluate.timing_batch_sizes=[1, 10]",
     "evaluate.classifier={max_epochs: 3, patience: 2}",
@@ -67,7 +67,7 @@ def pipeline_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def notebook_env(pipeline_run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{pipeline_run_dir / 'mlflow.db'}")
     monkeypatch.setenv("CALODISTILL_NB_SHOWERS", "300")
-    monkeypatch.setenv("CALODISTILL_NB_STUDENT_EXACT", "10")
+    monkeypatch.setenv("CALODISTILL_NB_STUDENT_EXACT", "5")
     monkeypatch.setenv("CALODISTILL_NB_KL", "100")
     monkeypatch.setenv("CALODISTILL_NB_TIMING_SECONDS", "5")
     monkeypatch.setenv("MPLBACKEND", "Agg")
