@@ -519,22 +519,34 @@ def _run_evaluate(ctx: StageContext) -> StageResult:
     return StageResult(metrics=_float_metrics(result), artifacts=arts, tags=tags)
 
 
+_BENCH_RESERVED = ("model_dirs", "ingest_scheduler")
+
+
 def _run_bench(ctx: StageContext) -> StageResult:
+    import json
+
     from pipeline.bench import run_bench
 
     out = ctx.outputs["results"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = _call_with_supported(
-        run_bench,
-        teacher_dir=Path(ctx.inputs["teacher"]) if "teacher" in ctx.inputs else None,
-        student_dir=Path(ctx.inputs["student"]) if "student" in ctx.inputs else None,
-        data_dir=Path(ctx.inputs["data"]) if "data" in ctx.inputs else None,
-        out=out,
-        **ctx.params,
-    )
-    arts = [(str(p), "bench") for p in sorted(out.parent.glob(out.stem + ".*")) if p.is_file()]
-    flat = {k: v for k, v in (result or {}).items() if not isinstance(v, dict | list)}
-    return StageResult(metrics=_float_metrics(flat), artifacts=arts, tags={"device": _device_tag(ctx.params.get("device"))})
+    params = dict(ctx.params)
+    for key in ("batches", "sections"):
+        if isinstance(params.get(key), list):
+            params[key] = tuple(params[key])
+    model_dirs = [str(ctx.inputs[k]) for k in ("teacher", "student") if k in ctx.inputs]
+    with _seceded():
+        result = run_bench(model_dirs=model_dirs or None, ingest_scheduler="threads", **params)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, out)
+    arts = [(str(out), "bench")]
+    if isinstance(result.get("markdown"), str):
+        md = out.with_suffix(".md")
+        md.write_text(result["markdown"])
+        arts.append((str(md), "bench"))
+    metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
+    return StageResult(metrics=_float_metrics(metrics), artifacts=arts,
+                       tags={"device": _device_tag(ctx.params.get("device"))})
 
 
 register_stage_kind(StageKind(
@@ -578,8 +590,8 @@ register_stage_kind(StageKind(
 ))
 register_stage_kind(StageKind(
     name="bench", run=_run_bench,
-    inputs={"teacher": InputSpec(required=False), "student": InputSpec(required=False),
-            "data": InputSpec(required=False)},
-    outputs={"results": "bench.json"}, key_metric="speedup_batch_10000",
+    inputs={"teacher": InputSpec(required=False), "student": InputSpec(required=False)},
+    outputs={"results": "bench.json"},
+    validate_params=_validate_signature_params("pipeline.bench.run_bench", _BENCH_RESERVED),
     description="teacher vs student sampling benchmark",
 ))
