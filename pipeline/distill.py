@@ -208,7 +208,13 @@ def distill_student(
         ``student_sample_nll`` (−log q of its own samples), ``teacher_nll_of_student_samples``,
         ``kl_student_teacher``, ``paired_rms`` / ``paired_max`` (student given the teacher's z vs data),
         ``layer_frac_*`` / ``response_*`` of student vs teacher samples (``_teacher``, ``_student``,
-        ``_rel_diff``) and of student samples vs the test data (``data_`` prefix), epochs, timings.
+        ``_rel_diff``) and of student samples vs the test data (``data_`` prefix), the Flow II
+        observables of :func:`compare_flow2_observables` (``sparsity_k_*``, ``centroid_x_k_*``,
+        ``width_r_k_*``, ``voxel_mean_rel_l1``, ``flow2_max_rel_diff``), epochs, timings.
+        The student's and the teacher's NLL subset are the same showers with the same dequantisation
+        noise; the student and teacher samples compared share the seed and batch size, hence the Flow I
+        layer energies (``flow1_layers_max_abs_diff`` = 0) and the Flow II noise, so those differences
+        are Flow II's alone.
     """
     import torch
 
@@ -362,6 +368,7 @@ def run_cli(args: argparse.Namespace) -> int:
         metrics,
         ["test_nll", "teacher_test_nll_subset", "test_nll_rel_diff", "teacher_test_nll", "kl_student_teacher",
          "student_sample_nll", "paired_rms", "layer_frac_max_rel_diff", "response_rel_diff", "voxel_mean_rel_l1",
+         "flow2_max_rel_diff",
          "student_sample_ms_per_shower", "teacher_sample_ms_per_shower", "epochs", "best_epoch", "distill_time_s"],
     )
     return 0
