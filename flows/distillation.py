@@ -65,8 +65,15 @@ class DistillConfig:
         init_from_teacher: start the student's MADEs from the teacher's weights (when the sizes
             match; see :func:`init_student_from_teacher`).
         x_pass: "chain" (CaloFlow II: the student runs its whole inverse pass from the teacher's z) or
-            "local" (teacher forcing: every student block gets the teacher's state on its noise side,
-            so each block regresses its own targets independently; see :func:`student_local_trace`).
+            "local" (default; teacher forcing: every student block gets the teacher's state on its noise
+            side, so each block regresses its own targets independently; see
+            :func:`student_local_trace`). The z-pass always runs the whole chain.
+
+    Defaults measured on 8000 synthetic CaloGAN showers (4-block spline teacher, hidden 64, test NLL
+    −51.7 nats on 100 test showers), 3 epochs × 16 steps of 128, lr 1e-3 one-cycle, one CPU thread
+    (~150 s): KL(student ‖ teacher) 1142 nats from a random start with the chained x-pass (CaloFlow II
+    as written), 509 (epoch 2) with the teacher's weights, 76 with the teacher's weights and the local
+    x-pass (student exact NLL 174 vs 15 333).
         reduction: "sum" (CaloFlow II as written) or "mean" over each squared-error term's elements.
         params_weight: weight of the MADE-output (spline parameter) terms of the fully guided loss.
         passes_per_epoch: passes over the training set per epoch (more optimiser steps between the
@@ -79,7 +86,7 @@ class DistillConfig:
     kl_batch_size: int = 1000
     kl_seed: int = 12345
     init_from_teacher: bool = True
-    x_pass: str = "chain"
+    x_pass: str = "local"
     reduction: str = "sum"
     params_weight: float = 1.0
     passes_per_epoch: int = 1

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from flows.errors import FlowsError
+from flows.fast import FastIAFSampler
 from flows.models import IAF, MAF
 from flows.preprocessing import CaloFlowPreprocessor
 
@@ -57,6 +58,7 @@ class ShowerGenerator:
         self.device = torch.device(device) if device is not None else default_device()
         self.flow1 = flow1.to(self.device).eval()
         self.flow2 = flow2.to(self.device).eval()
+        self._fast: FastIAFSampler | None = None
 
     @property
     def kind(self) -> str:
@@ -68,7 +70,19 @@ class ShowerGenerator:
         self.device = torch.device(device)
         self.flow1.to(self.device)
         self.flow2.to(self.device)
+        self._fast = None
         return self
+
+    def _sample_flow2(self, context: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Flow II noise → data. A student goes through :class:`flows.fast.FastIAFSampler` (the same
+        noise and the same result as ``IAF.sample``, without the per-call overhead); a teacher through
+        its own D-pass ``sample``."""
+        if not isinstance(self.flow2, IAF):
+            return self.flow2.sample(context=context, generator=generator)
+        if self._fast is None:
+            self._fast = FastIAFSampler(self.flow2)
+        z = self.flow2.sample_noise(context.shape[0], generator)
+        return self._fast(z, context)
 
     def _dtype(self, flow: torch.nn.Module) -> torch.dtype:
         return next(flow.parameters()).dtype
@@ -108,7 +122,7 @@ class ShowerGenerator:
                 u = self.flow1.sample(context=c1, generator=gen)
                 layer_e = pre.layer_energies_from_flow1(u.to(torch.float64), e)
                 c2 = pre.flow2_context(e, layer_e).to(self._dtype(self.flow2))
-                x = self.flow2.sample(context=c2, generator=gen)
+                x = self._sample_flow2(c2, gen)
                 v = pre.voxels_from_flow2(x.to(torch.float64), layer_e)
                 voxels[start:start + e.shape[0]] = v.cpu().numpy()
                 layers[start:start + e.shape[0]] = layer_e.cpu().numpy()

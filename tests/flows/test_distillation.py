@@ -193,7 +193,8 @@ def test_distillation_loss_rejects_bad_beta_and_mismatched_traces() -> None:
 TOLERANCE_RMS = 0.05  # rms of x_S − x given the teacher's z, in preprocessed units (x has std ≈ 1.5 here)
 
 
-def _run_distill(tmp_path: Path, epochs: int, kind: str, n_blocks: int) -> tuple[MAF, IAF, list[dict[str, float]], dict]:
+def _run_distill(tmp_path: Path, epochs: int, kind: str, n_blocks: int,
+                 x_pass: str = "local") -> tuple[MAF, IAF, list[dict[str, float]], dict]:
     teacher = _teacher(kind, n_blocks)
     x, c = _data(teacher, 1024, seed=1)
     xv, cv = _data(teacher, 512, seed=2)
@@ -205,7 +206,7 @@ def _run_distill(tmp_path: Path, epochs: int, kind: str, n_blocks: int) -> tuple
     distill(
         teacher, student, x, c, xv, cv,
         TrainConfig(epochs=epochs, batch_size=32, lr=3e-2, patience=0, schedule="onecycle", seed=1),
-        DistillConfig(kl_samples=2048, kl_batch_size=1024, init_from_teacher=False),  # the optimisation, from scratch
+        DistillConfig(kl_samples=2048, kl_batch_size=1024, init_from_teacher=False, x_pass=x_pass),  # from scratch
         tmp_path / "ckpt",
         on_epoch_end=lambda m, e: history.append(m),
         progress=False,
@@ -213,8 +214,9 @@ def _run_distill(tmp_path: Path, epochs: int, kind: str, n_blocks: int) -> tuple
     return teacher, student, history, {k: float(v) for k, v in before.items()}
 
 
-def test_distillation_drives_losses_down_and_student_matches_teacher(tmp_path: Path) -> None:
-    teacher, student, history, before = _run_distill(tmp_path, epochs=12, kind="affine", n_blocks=1)
+@pytest.mark.parametrize("x_pass", ["chain", "local"])
+def test_distillation_drives_losses_down_and_student_matches_teacher(tmp_path: Path, x_pass: str) -> None:
+    teacher, student, history, before = _run_distill(tmp_path, epochs=12, kind="affine", n_blocks=1, x_pass=x_pass)
     xt, ct = _data(teacher, 512, seed=3)
     last = history[-1]
     # orders of magnitude: from the untrained student to the last epoch, on validation data
@@ -311,5 +313,5 @@ def test_passes_per_epoch_multiplies_steps(tmp_path: Path) -> None:
 
     counting.inverse_trace = counted  # type: ignore[method-assign]
     distill(teacher, counting, x, c, x[:16], c[:16], TrainConfig(epochs=1, batch_size=16, patience=0),
-            DistillConfig(kl_samples=16, passes_per_epoch=3), progress=False)
+            DistillConfig(kl_samples=16, passes_per_epoch=3, x_pass="chain"), progress=False)
     assert len(steps) == 2 * 3 * 4  # two student passes per step, 3 passes of 4 batches

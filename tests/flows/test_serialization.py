@@ -74,6 +74,16 @@ def test_generator_samples_in_mev(generator_dir: Path) -> None:
     assert not np.allclose(gen.sample(e_inc, seed=4), vox)
 
 
+def test_student_generator_fast_path_equals_slow_path(generator_dir: Path) -> None:
+    """The generator samples the student through FastIAFSampler: same noise, same showers as IAF.sample."""
+    gen = load_generator(generator_dir, device="cpu")
+    e_inc = np.array([2e3, 1e4, 5e4, 8e4, 3e3, 7e4])
+    fast = gen.sample(e_inc, batch_size=4, seed=11)
+    gen._sample_flow2 = lambda c, g: gen.flow2.sample(context=c, generator=g)  # the plain nflows-style path
+    slow = gen.sample(e_inc, batch_size=4, seed=11)
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-4)
+
+
 def test_generator_log_prob(generator_dir: Path) -> None:
     e_inc, vox = _showers(6)
     teacher = load_generator(generator_dir, prefer="teacher", device="cpu")
