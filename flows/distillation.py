@@ -72,7 +72,7 @@ class DistillConfig:
     Defaults measured on 8000 synthetic CaloGAN showers (4-block spline teacher, hidden 64, test NLL
     −51.7 nats on 100 test showers), 3 epochs × 16 steps of 128, lr 1e-3 one-cycle, one CPU thread
     (~150 s): KL(student ‖ teacher) 1142 nats from a random start with the chained x-pass (CaloFlow II
-    as written), 509 (epoch 2) with the teacher's weights, 76 with the teacher's weights and the local
+    as written), 360 with the teacher's weights, 76 with the teacher's weights and the local
     x-pass (student exact NLL 174 vs 15 333).
         reduction: "sum" (CaloFlow II as written) or "mean" over each squared-error term's elements.
         params_weight: weight of the MADE-output (spline parameter) terms of the fully guided loss.

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from flows.errors import FlowsError, NonFiniteLossError
 from flows.losses import nll_loss
+from flows.serialization import atomic_torch_save
 
 __all__ = [
     "TrainConfig",
@@ -151,16 +152,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------------
 # checkpoints and RNG state (stored as tensors and plain types, so weights_only loading works)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -450,7 +441,7 @@ def fit(
             best_metric, best_epoch, bad_epochs = current, epoch, 0
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             if best_path is not None:
-                _atomic_save({"model": best_state, "epoch": epoch, "metric": best_metric}, best_path)
+                atomic_torch_save({"model": best_state, "epoch": epoch, "metric": best_metric}, best_path)
         else:
             bad_epochs += 1
             if config.patience and bad_epochs >= config.patience:
@@ -458,7 +449,7 @@ def fit(
         metrics["best_" + monitor] = best_metric
         history.append({"epoch": float(epoch), **metrics})
         if last_path is not None:
-            _atomic_save(
+            atomic_torch_save(
                 {
                     "format": CHECKPOINT_FORMAT,
                     "config": config.to_dict(),

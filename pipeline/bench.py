@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.atomic import atomic_write_text
 from pipeline.errors import CalodistillError
 
 logger = logging.getLogger(__name__)
@@ -779,13 +780,6 @@ def _load(v: Sequence[float] | None) -> str:
     return "n/a" if not v else "/".join(f"{x:.1f}" for x in v)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------- CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``calodistill bench``."""
@@ -850,9 +844,9 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     print(result["markdown"])
     if args.out is not None:
-        _atomic_write(args.out, json.dumps(result, indent=2, default=str) + "\n")
+        atomic_write_text(args.out, json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.out}")
     if args.markdown is not None:
-        _atomic_write(args.markdown, result["markdown"])
+        atomic_write_text(args.markdown, result["markdown"])
         print(f"wrote {args.markdown}")
     return 0

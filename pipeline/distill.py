@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.atomic import atomic_write_json
 from pipeline.errors import CalodistillError
 from pipeline.train import (
     MetricsCallback,
-    _atomic_write_json,
     _prepare,
     _resolve_config,
     add_config_arguments,
@@ -239,7 +239,7 @@ def distill_student(
             f"preprocessing (layers {list(pre.layer_sizes)})"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(out_dir / "distill_config.json", {**config_to_dict(cfg), "teacher_dir": str(teacher_dir)})
+    atomic_write_json(out_dir / "distill_config.json", {**config_to_dict(cfg), "teacher_dir": str(teacher_dir)})
     tr, va, te = (_prepare(pre, s, cfg.seed + i) for i, s in enumerate((train, val, test)))
     n_voxels = geometry.n_voxels
 
@@ -267,7 +267,7 @@ def distill_student(
         out_dir / "checkpoints" / "student", device=dev, on_epoch_end=on_epoch, progress=cfg.progress,
     )
     save_generator_dir(out_dir, pre, flow1, flow1.config, student.cpu(), student.config, kind="student")
-    _atomic_write_json(out_dir / "history.json", {"student": res.history})
+    atomic_write_json(out_dir / "history.json", {"student": res.history})
     student.to(dev)
     teacher.to(dev)
 
@@ -335,7 +335,7 @@ def distill_student(
             metrics.update(compare_summaries(t_sum, p_sum, "teacher", "student"))
             metrics.update(compare_flow2_observables(geometry, t_vox, p_vox))
     metrics["distill_time_s"] = time.perf_counter() - t0
-    _atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / "metrics.json", metrics)
     if log_metrics is not None:
         log_metrics(dict(metrics), int(res.epochs_run))
     return metrics

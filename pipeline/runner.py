@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.dag import DagSpec, FileInput, LiteralInput, StageRef, StageSpec, load_dag
+from pipeline.atomic import atomic_write_json
 from pipeline.errors import CalodistillError
 
 __all__ = [
@@ -106,15 +107,6 @@ def _fingerprint(path: Path) -> list[list[Any]]:
         rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
         out.append([rel, st.st_size, st.st_mtime_ns])
     return out
-
-
-def _atomic_write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -269,7 +261,7 @@ def execute_stage(task: StageTask, *upstream_outcomes: Mapping[str, Any]) -> dic
         resumed = True
     else:
         _clear_dir(stage_dir)
-        _atomic_write_json(attempt_path, {"key": key, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        atomic_write_json(attempt_path, {"key": key, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         resumed = False
 
     history: list[list[Any]] = []
@@ -300,7 +292,7 @@ def execute_stage(task: StageTask, *upstream_outcomes: Mapping[str, Any]) -> dic
     out_records = {name: {"path": str(p), "hash": content_hash(p), "fingerprint": _fingerprint(p)}
                    for name, p in outputs.items()}
     metrics = dict(result.metrics)
-    _atomic_write_json(marker_path, {
+    atomic_write_json(marker_path, {
         "key": key, "stage": stage.name, "kind": stage.kind, "outputs": out_records, "metrics": metrics,
         "tags": result.tags, "model_output": result.model_output, "info": result.info,
         "duration_s": duration, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "resumed": resumed,

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from pipeline.atomic import atomic_write_json
 from pipeline.errors import CalodistillError
 
 __all__ = [
@@ -358,16 +358,6 @@ def compare_summaries(reference: dict[str, float], other: dict[str, float], ref_
 # the stage
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _flow_config(settings: FlowSettings, features: int, context: int) -> Any:
     from flows.errors import FlowsError
     from flows.models import FlowConfig
@@ -456,7 +446,7 @@ def train_teacher(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     dev = resolve_device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(out_dir / "train_config.json", config_to_dict(cfg))
+    atomic_write_json(out_dir / "train_config.json", config_to_dict(cfg))
 
     ds, train, val, test = load_splits(data_dir, cfg.max_train)
     geometry = ds.geometry
@@ -490,7 +480,7 @@ def train_teacher(
         device=dev, on_epoch_end=logger_for("teacher"), progress=cfg.progress, desc="teacher",
     )
     save_generator_dir(out_dir, pre, flow1.cpu(), cfg1, teacher.cpu(), cfg2, kind="teacher")
-    _atomic_write_json(out_dir / "history.json", {"flow1": res1.history, "teacher": res2.history})
+    atomic_write_json(out_dir / "history.json", {"flow1": res1.history, "teacher": res2.history})
     flow1.to(dev)
     teacher.to(dev)
 
@@ -544,7 +534,7 @@ def train_teacher(
         logger.info("teacher samples (%d): layer fractions within %.2f%%, response %.4f vs data %.4f",
                     n2, 100 * metrics["layer_frac_max_rel_diff"], metrics["response_gen"], metrics["response_data"])
     metrics["train_time_s"] = time.perf_counter() - t0
-    _atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / "metrics.json", metrics)
     if log_metrics is not None:
         log_metrics(dict(metrics), int(res2.epochs_run))
     return metrics
