@@ -86,7 +86,8 @@ def file_sha256(path: str | os.PathLike[str], block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _resolve_geometry(name: str | Geometry | None, source: str) -> Geometry | None:
+def resolve_geometry(name: str | Geometry | None, source: str) -> Geometry | None:
+    """A geometry object, or the registered one named ``name`` (None passes through); errors name ``source``."""
     if name is None or isinstance(name, Geometry):
         return name
     try:
@@ -591,7 +592,7 @@ def _open_parquet(path: str, geometry: Geometry | None, cols: ColumnSpec) -> Sou
     if geometry is None:
         hint = _parquet_geometry_hint(schema)
         if hint is not None:
-            geometry = _resolve_geometry(hint, path)
+            geometry = resolve_geometry(hint, path)
     if width is None:
         if geometry is None:
             if n == 0:
@@ -630,7 +631,7 @@ def open_source(
         CalodistillError: a missing, empty, corrupt or malformed file, or an unknown / unfitting geometry.
     """
     spath = str(path)
-    geo = _resolve_geometry(geometry, spath)
+    geo = resolve_geometry(geometry, spath)
     cols = ColumnSpec.parse(columns)
     p = Path(spath)
     if not p.exists():

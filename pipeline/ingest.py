@@ -73,7 +73,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.errors import CalodistillError
-from pipeline.formats import PARQUET_METADATA_KEY, ColumnSpec, Source, open_source, showers_to_table
+from pipeline.formats import PARQUET_METADATA_KEY, ColumnSpec, Source, open_source, resolve_geometry, showers_to_table
 from pipeline.geometry import Geometry, get_geometry
 from pipeline.showers import Showers
 
@@ -198,16 +198,9 @@ def open_any_source(
     if s.startswith("synth:"):
         geo = None
         if geometry is not None:
-            geo = geometry if isinstance(geometry, Geometry) else _geometry_or_error(geometry, s)
+            geo = resolve_geometry(geometry, s)
         return _open_synth(s, geo)
     return open_source(s, geometry, columns)
-
-
-def _geometry_or_error(name: str, source: str) -> Geometry:
-    try:
-        return get_geometry(name)
-    except CalodistillError as exc:
-        raise CalodistillError(f"{source}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------- tasks
@@ -428,7 +421,7 @@ def ingest_showers(
     if partition_mb <= 0:
         raise CalodistillError(f"partition_mb: must be positive, got {partition_mb}")
     _check_out_dir(out, overwrite)
-    geo = _geometry_or_error(geometry, "--geometry") if geometry is not None else None
+    geo = resolve_geometry(geometry, "--geometry")
     opened = [open_any_source(s, geo, columns) for s in sources]
     names = {s.geometry.name for s in opened}
     if len(names) > 1:
