@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,15 @@ def shared_dir() -> Path:
 def calogan_real_file(shared_dir: Path) -> Path:
     """51 Geant4 CaloGAN e+ showers (HEPCAT copy of the CaloGAN generation output)."""
     return shared_dir / "data" / "real" / "hepcat-calogan" / "test.h5"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The tests' tensors are small: one intra-op thread is faster on the 2-core machine and immune to load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

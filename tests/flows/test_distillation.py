@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,6 @@ from flows.losses import distillation_loss, kl_student_teacher, squared_error
 from flows.models import IAF, MAF, FlowConfig, build_iaf_like, build_maf
 from flows.training import TrainConfig, evaluate_nll
 
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Two cores are shared: keep these small problems single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _teacher(kind: str = "affine", n_blocks: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32) -> MAF:
     """A non-trivial tiny teacher that a student of the same size can represent exactly.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -73,15 +73,6 @@ def make_inputs(flow: MAF | IAF, n: int = 6, seed: int = 0) -> tuple[torch.Tenso
     x[0, 0] = 4.0  # outside the spline interval: linear tail
     c = torch.randn(n, cfg.context_features, generator=gen, dtype=torch.float64)
     return x, c
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids oversubscribing the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=FLOWS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,6 @@ from flows.training import (
     train_flow_mle,
 )
 
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Two cores are shared: keep these small problems single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 class TinyConditionalGaussian(nn.Module):
     """x | c ~ N(mu(c), diag sigma(c)^2) with a small MLP (with dropout, to exercise the RNG state)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,15 +19,6 @@ from pipeline.geometry import get_geometry
 from pipeline.showers import Showers
 
 FAST = ClassifierConfig(hidden=(32, 32), max_epochs=20, patience=3, batch_size=200)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small networks: one intra-op thread is faster and immune to a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_roc_auc_matches_sklearn() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -27,16 +26,6 @@ from pipeline.geometry import Geometry, Layer, get_geometry
 from pipeline.showers import Showers
 
 FAST = {"hidden": [32, 32], "max_epochs": 15, "patience": 3, "batch_size": 64, "learning_rate": 3e-3}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _showers(geometry: str, n: int, seed: int, scale: float = 1.0) -> Showers:
