@@ -1,0 +1,178 @@
+"""The compiled spline (flows/native.py, flows/csrc/rqs_inverse.cpp) equals nflows' spline inverse."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from nflows.transforms.splines.rational_quadratic import unconstrained_rational_quadratic_spline
+
+from flows import native
+from flows.errors import FlowsError
+from flows.fast import FastIAFSampler
+from flows.models import FlowConfig, build_iaf_like, build_maf
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CALODISTILL_NATIVE", "1") == "0", reason="native spline disabled by CALODISTILL_NATIVE=0")
+
+BOUND = 3.0
+
+
+def _problem(n: int, d: int, bins: int, dtype: torch.dtype, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    params = 2.0 * torch.randn(n, 3 * bins - 1, d, generator=gen, dtype=torch.float64)
+    y = 2.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)  # some beyond the tail bound
+    y[0, 0], y[0, 1] = BOUND, -BOUND                                  # exactly on the bounds
+    p = params.transpose(1, 2)                                       # nflows: (n, d, params)
+    ref, ref_lad = unconstrained_rational_quadratic_spline(
+        y, p[..., :bins], p[..., bins:2 * bins], p[..., 2 * bins:], inverse=True, tails="linear",
+        tail_bound=BOUND)
+    return y.to(dtype), params.to(dtype), ref, ref_lad
+
+
+def test_library_builds() -> None:
+    assert native.available(), native.unavailable_reason()
+    assert native.library_path() is not None and native.library_path().exists()
+    assert native.supports_bins(8) and not native.supports_bins(7)
+
+
+@pytest.mark.parametrize("bins", [2, 3, 8, 16])
+@pytest.mark.parametrize("d", [5, 8, 21])  # below, at and above one vector of 8, with a remainder
+def test_equals_nflows_float64(bins: int, d: int) -> None:
+    y, params, ref, ref_lad = _problem(40, d, bins, torch.float64)
+    total = torch.full((40,), 0.5, dtype=torch.float64)
+    x = native.rqs_inverse_native(y, params, BOUND, 1e-3, 1e-3, 1e-3, total)
+    torch.testing.assert_close(x, ref, rtol=0, atol=1e-11)
+    torch.testing.assert_close(total, 0.5 + ref_lad.sum(dim=1), rtol=0, atol=1e-9)
+    assert torch.equal(x[y.abs() > BOUND], y[y.abs() > BOUND])  # identity tails
+
+
+@pytest.mark.parametrize("bins", [4, 8])
+def test_equals_nflows_float32(bins: int) -> None:
+    """float32 (the vectorised path on AVX2 machines) against the float64 reference."""
+    y, params, ref, ref_lad = _problem(300, 37, bins, torch.float32, seed=2)
+    # well-conditioned parameters, as a trained flow has (the random ones above include bins of 1e-3)
+    params = 0.5 * params
+    p64 = params.double().transpose(1, 2)
+    ref, ref_lad = unconstrained_rational_quadratic_spline(
+        y.double(), p64[..., :bins], p64[..., bins:2 * bins], p64[..., 2 * bins:], inverse=True,
+        tails="linear", tail_bound=BOUND)
+    total = torch.zeros(300)
+    x = native.rqs_inverse_native(y, params, BOUND, 1e-3, 1e-3, 1e-3, total)
+    assert x.dtype == torch.float32
+    torch.testing.assert_close(x.double(), ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(total.double(), ref_lad.sum(dim=1), rtol=2e-5, atol=2e-4)
+    x_only = native.rqs_inverse_native(y, params, BOUND, 1e-3, 1e-3, 1e-3)
+    assert torch.equal(x_only, x)
+
+
+def test_strided_inputs_and_out() -> None:
+    """Column slices of wider tensors (the sampler's per-group calls) read and write only their columns."""
+    y, params, ref, ref_lad = _problem(20, 12, 8, torch.float64)
+    wide = torch.zeros(20, 30, dtype=torch.float64)
+    wide[:, 5:17] = y
+    out = torch.full((20, 30), 7.0, dtype=torch.float64)
+    native.rqs_inverse_native(wide[:, 5:17], params, BOUND, 1e-3, 1e-3, 1e-3, out=out[:, 10:22])
+    torch.testing.assert_close(out[:, 10:22], ref, rtol=0, atol=1e-11)
+    assert torch.all(out[:, :10] == 7.0) and torch.all(out[:, 22:] == 7.0)
+
+
+def test_one_thread_equals_many() -> None:
+    y, params, _, _ = _problem(64, 40, 8, torch.float32, seed=3)
+    t1, t2 = torch.zeros(64), torch.zeros(64)
+    a = native.rqs_inverse_native(y, params, BOUND, 1e-3, 1e-3, 1e-3, t1, threads=1)
+    b = native.rqs_inverse_native(y, params, BOUND, 1e-3, 1e-3, 1e-3, t2, threads=2)
+    assert torch.equal(a, b) and torch.equal(t1, t2)
+
+
+def test_bad_arguments_are_one_line_errors() -> None:
+    y, params, _, _ = _problem(4, 9, 8, torch.float64)
+    with pytest.raises(FlowsError, match="bins"):
+        native.rqs_inverse_native(y, params[:, :-3], BOUND, 1e-3, 1e-3, 1e-3)  # 20 rows: 7 bins
+    with pytest.raises(FlowsError, match="float32 or float64"):
+        native.rqs_inverse_native(y.half(), params.half(), BOUND, 1e-3, 1e-3, 1e-3)
+    with pytest.raises(FlowsError, match="params"):
+        native.rqs_inverse_native(y, params.float(), BOUND, 1e-3, 1e-3, 1e-3)
+    with pytest.raises(FlowsError, match="params"):
+        native.rqs_inverse_native(y, params.transpose(0, 2).contiguous().transpose(0, 2), BOUND, 1e-3, 1e-3,
+                                  1e-3)
+    with pytest.raises(FlowsError, match="shapes"):
+        native.rqs_inverse_native(y[:3], params, BOUND, 1e-3, 1e-3, 1e-3)
+
+
+def _student(dtype: torch.dtype, features: int = 20) -> torch.nn.Module:
+    cfg = FlowConfig(features=features, context_features=2, n_blocks=3, hidden_features=24,
+                     n_hidden_layers=1, kind="spline", num_bins=8, tail_bound=2.5, permutation="random",
+                     permutation_seed=1)
+    torch.manual_seed(0)
+    student = build_iaf_like(build_maf(cfg).to(dtype), hidden_features=32).eval()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return student
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_sampler_native_equals_torch_spline(groups: int) -> None:
+    student = _student(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    z = 1.5 * torch.randn(50, 20, generator=gen, dtype=torch.float64)
+    c = torch.randn(50, 2, generator=gen, dtype=torch.float64)
+    fast = FastIAFSampler(student, chunk_size=16, groups=groups)
+    slow = FastIAFSampler(student, chunk_size=16, groups=groups, native_spline=False)
+    assert fast.native and not slow.native
+    x1, l1 = fast.sample(z, c, need_logabsdet=True)
+    x2, l2 = slow.sample(z, c, need_logabsdet=True)
+    with torch.no_grad():
+        x3, l3 = student.inverse(z, c)
+    torch.testing.assert_close(x1, x2, rtol=0, atol=1e-10)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-9)
+    torch.testing.assert_close(x1, x3, rtol=0, atol=1e-10)
+    torch.testing.assert_close(l1, l3, rtol=0, atol=1e-9)
+
+
+def test_sampler_float32_native_equals_iaf_inverse() -> None:
+    student = _student(torch.float32, features=40)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 40, generator=gen)
+    c = torch.randn(200, 2, generator=gen)
+    x, lad = FastIAFSampler(student, chunk_size=64).sample(z, c, need_logabsdet=True)
+    with torch.inference_mode():
+        xr, ladr = student.inverse(z, c)
+    torch.testing.assert_close(x, xr, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lad, ladr, rtol=1e-5, atol=2e-4)
+
+
+def test_disabled_falls_back_and_cache_dir_is_used(tmp_path: Path) -> None:
+    """CALODISTILL_NATIVE=0 keeps the torch spline; CALODISTILL_CACHE_DIR is where the library is built."""
+    code = (
+        "import torch\n"
+        "from flows import native\n"
+        "from flows.fast import FastIAFSampler\n"
+        "from flows.models import FlowConfig, build_iaf_like, build_maf\n"
+        "cfg = FlowConfig(features=9, context_features=0, n_blocks=2, hidden_features=8, kind='spline')\n"
+        "s = FastIAFSampler(build_iaf_like(build_maf(cfg)))\n"
+        "print(native.available(), s.native, native.library_path())\n"
+        "try:\n"
+        "    FastIAFSampler(build_iaf_like(build_maf(cfg)), native_spline=True)\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, CALODISTILL_NATIVE="0", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "None", "FlowsError"]
+
+    env = dict(os.environ, CALODISTILL_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    available, used, path = out.stdout.split()[:3]
+    assert available == used == "True"
+    assert Path(path).parent == tmp_path / "cache" and Path(path).exists()
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temporaries left
