@@ -35,7 +35,7 @@ from torch import Tensor
 
 from flows.errors import FlowsError
 
-__all__ = ["available", "unavailable_reason", "supports_bins", "rqs_inverse_native", "library_path", "NativeSpline"]
+__all__ = ["available", "unavailable_reason", "supports_bins", "rqs_inverse_native", "library_path", "NativeSpline", "vectorised"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ def _load() -> ctypes.CDLL | None:
                     fn = getattr(lib, name)
                     fn.restype = ctypes.c_int
                     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_double] * 5 + [ctypes.c_int]
+                lib.calodistill_rqs_vectorised.restype = ctypes.c_int
+                lib.calodistill_rqs_vectorised.argtypes = []
                 lib.calodistill_rqs_supported_bins.restype = ctypes.c_int
                 lib.calodistill_rqs_supported_bins.argtypes = [ctypes.c_int64]
                 _state["path"] = path
@@ -151,6 +153,12 @@ def unavailable_reason() -> str:
 def library_path() -> Path | None:
     """Where the compiled library lies (None when unavailable)."""
     return _state.get("path") if available() else None  # type: ignore[return-value]
+
+
+def vectorised() -> bool:
+    """Whether the library was built with its AVX2 float32 path (else the scalar code serves float32)."""
+    lib = _load()
+    return lib is not None and bool(lib.calodistill_rqs_vectorised())
 
 
 def supports_bins(num_bins: int) -> bool:

@@ -426,8 +426,22 @@ def _sampling_section(teacher: Any, student: Any, device: torch.device, batches:
         "output_groups": sampler.groups if sampler.structured else 1,
         "matmul_shapes_per_shower": [list(s[1:]) for s in dense.matmul_shapes(1)],
         "chunk_size": chunk_size,
+        "spline": _spline_description(sampler),
         "rows": rows,
     }
+
+
+def _spline_description(sampler: Any) -> str:
+    """Which spline inverse the fast sampler runs: the compiled one (and whether vectorised) or torch's."""
+    from flows import native
+
+    if sampler.kind != "spline":
+        return "affine (torch)"
+    if sampler.native:
+        vec = native.vectorised() and sampler.dtype == torch.float32
+        return f"compiled (flows.native, {'AVX2' if vec else 'scalar'} {str(sampler.dtype).replace('torch.', '')})"
+    reason = native.unavailable_reason() if sampler.device.type == "cpu" else "not on CPU"
+    return f"torch ops (flows.fast.rqs_inverse; compiled spline not used: {reason or 'not supported'})"
 
 
 def _training_section(teacher: Any, student: Any, device: torch.device, steps: int,
@@ -722,7 +736,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"FLOPs per shower: {samp['flops_per_shower'] / 1e6:.1f} MFLOP as dense matmuls (the floor's "
             f"shapes); the fast sampler executes {samp['flops_per_shower_executed'] / 1e6:.1f} MFLOP "
             f"(output layer in {samp['output_groups']} groups skipping the MADE mask's zeros); "
-            f"chunks of {samp['chunk_size']} rows.",
+            f"chunks of {samp['chunk_size']} rows; spline inverse: {samp.get('spline', 'torch ops')}.",
             "",
             "| batch | teacher ms/shower | student IAF.inverse ms/shower | student fast ms/shower "
             "| speed-up teacher/fast (same batch) | dense matmul floor ms/shower | fast / dense floor "

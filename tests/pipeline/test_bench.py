@@ -46,6 +46,7 @@ def test_quick_bench_structure_and_budget() -> None:
     assert big["batch"] < 5000 and "exceeds" in big["note"]
     md = result["markdown"]
     assert "| batch | teacher ms/shower" in md and "none is extrapolated" in md
+    assert samp["spline"].startswith("compiled (flows.native") and samp["spline"] in md
     assert f"(at batch {big['batch']})†" in md
     for name in ("teacher", "student"):
         tr = result["training"][name]
