@@ -6,7 +6,11 @@ its fast direction), so every step costs one pass of each model per half-step:
 
 - x-pass: ``z_T = teacher(x_data | c)``; ``x_S = student⁻¹(z_T | c)``; squared error ``x_S`` vs ``x_data``;
 - z-pass: ``z ~ N(0, I)``; ``x_S = student⁻¹(z | c)``; ``z_T = teacher(x_S | c)``; squared error ``z_T`` vs ``z``;
-- fully guided: the same on every intermediate state and MADE output (see :mod:`flows.losses`).
+- fully guided: the same on every intermediate state and MADE output (see :mod:`flows.losses`);
+- with the teacher-forced ("local") x-pass, by default also each student block's error measured on the
+  teacher block's noise side (:func:`local_noise_side_error`): the squared error of the states weighs an
+  error inside a narrow peak of the density like one in its tails, while the likelihood of data depends
+  on the error times the teacher's ``∂z/∂x``.
 
 Each epoch a Monte-Carlo KL(student ‖ teacher) estimate on validation conditions, computed without
 gradients and with the same noise every epoch (common random numbers), picks the best checkpoint.
@@ -33,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.errors import FlowsError
-from flows.losses import distillation_loss, kl_student_teacher
+from flows.losses import distillation_loss, kl_student_teacher, squared_error
 from flows.models import FlowTrace
 from flows.training import EpochCallback, FitResult, TrainConfig, evaluate_nll, fit, resolve_device
 
@@ -42,6 +46,7 @@ __all__ = [
     "distill",
     "init_student_from_teacher",
     "student_local_trace",
+    "local_noise_side_error",
     "distillation_step_loss",
     "student_nll",
     "sample_nll",
@@ -78,6 +83,19 @@ class DistillConfig:
         params_weight: weight of the MADE-output (spline parameter) terms of the fully guided loss.
         passes_per_epoch: passes over the training set per epoch (more optimiser steps between the
             per-epoch validation, KL estimate and checkpoint).
+        noise_weight: weight w of the noise-side x-pass term (local x-pass only): the x-pass loss
+            becomes ``guided_x + w·noise_x`` with ``noise_x`` the squared error of every
+            teacher-forced student block measured after the teacher block's elementwise map (see
+            :func:`local_noise_side_error`), i.e. the data-side error weighted by the teacher's
+            ``∂z/∂x``. 0 turns it off.
+
+    ``noise_weight = 4`` measured on the quickstart (12k synthetic CaloGAN showers, 4-block spline
+    teacher of hidden 64 with test NLL −79.6 nats on the same 50 test showers; 4 epochs × 32 steps of
+    128 on 4096 showers, lr 1e-3 one-cycle, one CPU thread, ~4.5 min): student exact NLL −50.5 nats
+    and KL(student ‖ teacher) 22.3, against −7.3 and 33.3 without the term (w = 1: −43.6 / 23.0;
+    w = 16: −40.7 / 27.6), for ~8 % more time per step. With it, batch 64 / 32 (256 / 512 steps, the
+    same wall time): −57.0 / −60.7 nats, KL 15.5 / 14.0; a student of hidden 128 (warm-started by
+    embedding), centred spline logits in the MADE-output terms, lr 5e-4 or 3e-3: no better.
     """
 
     beta: float = 0.5
@@ -90,6 +108,7 @@ class DistillConfig:
     reduction: str = "sum"
     params_weight: float = 1.0
     passes_per_epoch: int = 1
+    noise_weight: float = 4.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
@@ -102,6 +121,8 @@ class DistillConfig:
             raise FlowsError(f"distill config: reduction must be 'sum' or 'mean', got {self.reduction!r}")
         if not (self.params_weight >= 0 and math.isfinite(self.params_weight)):
             raise FlowsError(f"distill config: params_weight must be >= 0, got {self.params_weight}")
+        if not (self.noise_weight >= 0 and math.isfinite(self.noise_weight)):
+            raise FlowsError(f"distill config: noise_weight must be >= 0, got {self.noise_weight}")
         if self.passes_per_epoch < 1:
             raise FlowsError(f"distill config: passes_per_epoch must be >= 1, got {self.passes_per_epoch}")
 
@@ -120,6 +141,7 @@ def distillation_step_loss(
     reduction: str = "sum",
     params_weight: float = 1.0,
     x_pass: str = "chain",
+    noise_weight: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One CaloFlow II loss evaluation on a batch: the x-pass and the z-pass, fast directions only.
 
@@ -135,9 +157,12 @@ def distillation_step_loss(
         beta, fully_guided, reduction, params_weight: see :func:`flows.losses.distillation_loss`.
         x_pass: "chain" or "local" (see :class:`DistillConfig`); with "local" the x-pass components
             (``loss_x``, ``guided_x``) are those of the teacher-forced blocks.
+        noise_weight: with ``x_pass="local"``, add ``β·noise_weight·noise_x``
+            (:func:`local_noise_side_error`) to the loss; ignored by the chained x-pass.
 
     Returns:
-        ``(loss, components)`` as :func:`flows.losses.distillation_loss`.
+        ``(loss, components)`` as :func:`flows.losses.distillation_loss`, plus ``noise_x`` when the
+        noise-side term is used (``loss`` then includes it).
     """
     with torch.no_grad():
         teacher_x = teacher.forward_trace(x, context)
@@ -148,8 +173,36 @@ def distillation_step_loss(
     z = torch.randn_like(x)
     student_z = student.inverse_trace(z, context)
     teacher_z = teacher.forward_trace(student_z.outputs, context)  # gradients flow into the student only
-    return distillation_loss((teacher_x, student_x), (teacher_z, student_z), beta=beta, fully_guided=fully_guided,
-                             reduction=reduction, params_weight=params_weight)
+    loss, comps = distillation_loss((teacher_x, student_x), (teacher_z, student_z), beta=beta,
+                                    fully_guided=fully_guided, reduction=reduction, params_weight=params_weight)
+    if noise_weight > 0 and x_pass == "local":
+        noise_x = local_noise_side_error(teacher, teacher_x, student_x, reduction)
+        loss = loss + beta * noise_weight * noise_x
+        comps["noise_x"] = noise_x.detach()
+        comps["loss"] = loss.detach()
+    return loss, comps
+
+
+def local_noise_side_error(teacher: nn.Module, teacher_trace: FlowTrace, student_local: FlowTrace,
+                           reduction: str = "sum") -> Tensor:
+    """Squared error of the teacher-forced student blocks measured on each block's noise side.
+
+    Student block k's output ``x̂_k`` (its estimate of the teacher's data-side state ``s_k``) is mapped
+    through teacher block k's elementwise map with the teacher's parameters at ``s_k`` (held fixed), and
+    compared with the teacher's output of that block. To first order this is the data-side error
+    scaled by the teacher's elementwise derivative ``∂z/∂x``: the errors that move the student's noise
+    (hence its likelihood of data) the most are weighted most, where the plain squared error on
+    ``x̂_k − s_k`` weighs an error inside a narrow peak of the density as little as one in its tails.
+    """
+    blocks, perms = teacher.blocks(), teacher.permutations()
+    total = teacher_trace.outputs.new_zeros(())
+    for k, block in enumerate(blocks):
+        mapped, _ = block._elementwise_forward(student_local.states[k], teacher_trace.params[k])
+        target = teacher_trace.states[k + 1]
+        if k < len(perms):
+            target, _ = perms[k].inverse(target)
+        total = total + squared_error(mapped, target, reduction)
+    return total
 
 
 def student_local_trace(student: nn.Module, teacher_trace: FlowTrace, context: Tensor | None) -> FlowTrace:
@@ -187,24 +240,58 @@ def init_student_from_teacher(teacher: nn.Module, student: nn.Module) -> bool:
     The student's block k computes its spline parameters from its noise-side state, the teacher's
     from its data-side state; with the teacher's weights the student starts as the exact inverse of
     a teacher whose blocks moved the data little, and close to it otherwise — far closer than from a
-    random initialisation (measured: see ``pipeline/distill.py``). Only possible when the student's
-    MADEs have the teacher's sizes.
+    random initialisation (measured: see :class:`DistillConfig`).
+
+    A student whose MADEs are *wider* than the teacher's (same number of hidden layers) is warm-started
+    by embedding: every weight matrix gets the teacher's weights in its leading block (the teacher's
+    hidden units), zeros where a teacher unit or the output would read a new unit, and keeps its own
+    random initialisation for the new units' incoming weights. The new units then contribute nothing,
+    so the student's map at the start is exactly the one of the equal-width warm start, and they learn
+    from the first step (their outgoing weights get gradients). This relies on nflows' deterministic
+    MADE degrees, under which the first ``H_T`` of ``H_S > H_T`` hidden units have the teacher's
+    degrees; the masks are checked.
 
     Returns:
-        Whether the weights were copied (False, with a log message, when the sizes differ).
+        Whether the weights were copied (False, with a log message, when the block counts, the numbers
+        of hidden layers or the masks differ, or the student is narrower than the teacher).
     """
     blocks, cores = teacher.blocks(), student.cores()
     if len(blocks) != len(cores):
         logger.info("init_from_teacher: %d teacher blocks vs %d student blocks; random initialisation",
                     len(blocks), len(cores))
         return False
+    plans = []
     for block, core in zip(blocks, cores):
         t_state, s_state = block.autoregressive_net.state_dict(), core.autoregressive_net.state_dict()
-        if t_state.keys() != s_state.keys() or any(t_state[k].shape != s_state[k].shape for k in t_state):
-            logger.info("init_from_teacher: the student's MADE sizes differ from the teacher's; random initialisation")
+        if t_state.keys() != s_state.keys() or any(
+            t_state[k].dim() != s_state[k].dim() or any(a > b for a, b in zip(t_state[k].shape, s_state[k].shape))
+            for k in t_state
+        ):
+            logger.info("init_from_teacher: the student's MADEs cannot hold the teacher's (different layers, or "
+                        "narrower); random initialisation")
             return False
-    for block, core in zip(blocks, cores):
-        core.autoregressive_net.load_state_dict(block.autoregressive_net.state_dict())
+        for k in t_state:
+            if k.endswith(("mask", "degrees")):
+                lead = tuple(slice(0, n) for n in t_state[k].shape)
+                if not torch.equal(s_state[k][lead].to(t_state[k].dtype), t_state[k]):
+                    logger.info("init_from_teacher: the student's MADE %s differs from the teacher's on the teacher's "
+                                "units; random initialisation", k)
+                    return False
+        plans.append((t_state, core))
+    for t_state, core in plans:
+        params = dict(core.autoregressive_net.named_parameters())
+        for k, value in t_state.items():
+            if k not in params:  # masks and degrees: buffers, already equal on the leading block
+                continue
+            target = params[k]
+            if target.shape == value.shape:
+                target.copy_(value)
+            elif value.dim() == 2:  # (out, in): teacher block, zero reads of new inputs, new rows untouched
+                out_t, in_t = value.shape
+                target[:out_t, :in_t] = value
+                target[:out_t, in_t:] = 0.0
+            else:  # a bias: the teacher's units first, the new units keep theirs
+                target[: value.shape[0]] = value
     return True
 
 
@@ -263,7 +350,7 @@ def distill(
 
     def loss_fn(model: nn.Module, batch: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
         return distillation_step_loss(teacher, model, batch[0], batch[1], cfg.beta, cfg.fully_guided,
-                                      cfg.reduction, cfg.params_weight, cfg.x_pass)
+                                      cfg.reduction, cfg.params_weight, cfg.x_pass, cfg.noise_weight)
 
     val_batches = [
         (x_val[i : i + train_config.eval_batch_size], c_val[i : i + train_config.eval_batch_size])

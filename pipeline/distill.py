@@ -51,7 +51,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StudentSettings:
-    """The student's MADE sizes (0 / "" = the teacher's); blocks, bins and permutations are the teacher's."""
+    """The student's MADE sizes (0 / "" = the teacher's); blocks, bins and permutations are the teacher's.
+
+    A student at least as wide as the teacher, with as many hidden layers, starts from the teacher's
+    weights (a wider one by embedding them: :func:`flows.distillation.init_student_from_teacher`).
+    """
 
     hidden_features: int = 0
     n_hidden_layers: int = 0
@@ -207,6 +211,8 @@ def distill_student(
         (teacher, whole test split), ``teacher_test_nll_subset`` (same subset), ``test_nll_rel_diff``,
         ``student_sample_nll`` (−log q of its own samples), ``teacher_nll_of_student_samples``,
         ``kl_student_teacher``, ``paired_rms`` / ``paired_max`` (student given the teacher's z vs data),
+        ``warm_started`` (1 when the student started from the teacher's weights, also when it is wider
+        than the teacher: see :func:`flows.distillation.init_student_from_teacher`),
         ``layer_frac_*`` / ``response_*`` of student vs teacher samples (``_teacher``, ``_student``,
         ``_rel_diff``) and of student samples vs the test data (``data_`` prefix), the Flow II
         observables of :func:`compare_flow2_observables` (``sparsity_k_*``, ``centroid_x_k_*``,
@@ -218,7 +224,7 @@ def distill_student(
     """
     import torch
 
-    from flows.distillation import distill, paired_max_error, sample_nll, student_nll
+    from flows.distillation import distill, init_student_from_teacher, paired_max_error, sample_nll, student_nll
     from flows.models import build_iaf_like, count_parameters
     from flows.sampling import ShowerGenerator
     from flows.serialization import save_generator_dir
@@ -255,8 +261,12 @@ def distill_student(
         )
     except Exception as exc:  # FlowsError from a bad size
         raise CalodistillError(f"config: student: {exc}") from None
-    logger.info("distill: teacher %d parameters, student %d; %d/%d/%d showers, device %s",
-                count_parameters(teacher), count_parameters(student), len(train), len(val), len(test), dev)
+    # the warm start (distill() repeats it; a resumed run then loads its checkpoint over it)
+    warm_started = bool(cfg.distill.init_from_teacher) and init_student_from_teacher(teacher, student)
+    logger.info("distill: teacher %d parameters, student %d (%s); %d/%d/%d showers, device %s",
+                count_parameters(teacher), count_parameters(student),
+                "warm-started from the teacher" if warm_started else "random initialisation",
+                len(train), len(val), len(test), dev)
 
     def on_epoch(metrics: dict[str, float], epoch: int) -> None:
         if log_metrics is not None:
@@ -301,6 +311,7 @@ def distill_student(
         best_epoch=float(res.best_epoch),
         best_val_kl=float(res.best_metric),
         student_parameters=float(count_parameters(student)),
+        warm_started=float(warm_started),
         teacher_parameters=float(count_parameters(teacher)),
     )
     logger.info("test NLL (%d showers): student %.3f, teacher %.3f (rel. diff %.3g); KL %.4g nats",
