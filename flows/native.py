@@ -185,9 +185,6 @@ def rqs_inverse_native(inputs: Tensor, params: Tensor, tail_bound: float, min_bi
         FlowsError: unavailable library, unsupported bins, or tensors that are not CPU float32/float64
             of one dtype, matching shapes and unit feature stride (``params`` C-contiguous).
     """
-    lib = _load()
-    if lib is None:
-        raise FlowsError(f"native spline: unavailable ({unavailable_reason()})")
     if inputs.dim() != 2 or params.dim() != 3:
         raise FlowsError(f"inputs/params: expected (N, D) and (N, 3K-1, D), got {tuple(inputs.shape)}, "
                          f"{tuple(params.shape)}")
@@ -195,12 +192,8 @@ def rqs_inverse_native(inputs: Tensor, params: Tensor, tail_bound: float, min_bi
     m = params.shape[1]
     if (m + 1) % 3:
         raise FlowsError(f"params: expected 3·bins − 1 rows per feature, got {m}")
-    bins = (m + 1) // 3
-    if not lib.calodistill_rqs_supported_bins(bins):
-        raise FlowsError(f"params: no compiled spline for {bins} bins")
     dtype = inputs.dtype
-    if dtype not in (torch.float32, torch.float64):
-        raise FlowsError(f"inputs: float32 or float64 needed, got {dtype}")
+    spline = NativeSpline((m + 1) // 3, dtype, tail_bound, min_bin_width, min_bin_height, min_derivative)
     if out is None:
         out = torch.empty((n, d), dtype=dtype)
     if params.shape != (n, m, d) or out.shape != (n, d) or (
@@ -215,7 +208,6 @@ def rqs_inverse_native(inputs: Tensor, params: Tensor, tail_bound: float, min_bi
         if t is not None and (t.device.type != "cpu" or t.dtype != dtype or not ok):
             raise FlowsError(f"{name}: the native spline needs CPU {dtype} with unit feature stride "
                              f"(params contiguous), got {t.device} {t.dtype} strides {t.stride()}")
-    spline = NativeSpline(bins, dtype, tail_bound, min_bin_width, min_bin_height, min_derivative)
     spline(inputs, params, out, logabsdet_total, threads)
     return out
 
