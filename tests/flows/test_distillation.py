@@ -96,7 +96,7 @@ def test_untrained_student_has_positive_loss_and_kl_and_components() -> None:
     x, c = _data(teacher, 256, seed=1)
     teacher.requires_grad_(False)  # as distill() does
     loss, comps = distillation_step_loss(teacher, student, x, c, beta=0.5, fully_guided=True)
-    assert set(comps) == {"loss_x", "loss_z", "guided_x", "guided_z", "loss"}
+    assert set(comps) == {"loss_x", "loss_z", "guided_x", "guided_z", "kl_z", "loss"}
     assert comps["guided_x"] >= comps["loss_x"] > 0 and comps["guided_z"] >= comps["loss_z"] > 0
     assert float(loss.detach()) == pytest.approx(0.5 * float(comps["guided_x"]) + 0.5 * float(comps["guided_z"]), rel=1e-6)
     loss.backward()
@@ -106,6 +106,37 @@ def test_untrained_student_has_positive_loss_and_kl_and_components() -> None:
     _, plain = distillation_step_loss(teacher, student, x, c, beta=1.0, fully_guided=False)
     assert float(plain["loss"]) == pytest.approx(float(plain["loss_x"]), rel=1e-6)
     assert kl_student_teacher(student, teacher, c, n=512) > 0.05
+
+
+@pytest.mark.parametrize("x_pass", ["chain", "local"])
+def test_kl_z_is_the_z_pass_monte_carlo_kl_and_kl_weight_adds_it(x_pass: str) -> None:
+    teacher = _teacher("spline", n_blocks=2, dtype=torch.float64)
+    student = build_iaf_like(teacher).to(torch.float64)
+    x, c = _data(teacher, 128, seed=1)
+    teacher.requires_grad_(False)
+    torch.manual_seed(7)
+    base, comps = distillation_step_loss(teacher, student, x, c, x_pass=x_pass)
+    torch.manual_seed(7)
+    weighted, comps_w = distillation_step_loss(teacher, student, x, c, x_pass=x_pass, kl_weight=2.5)
+    # the same noise by hand: z ~ N(0, I) is the step's only random draw
+    torch.manual_seed(7)
+    z = torch.randn_like(x)
+    with torch.no_grad():
+        x_s, logabsdet = student.inverse(z, c)
+        by_hand = float((student.base_log_prob(z) - logabsdet - teacher.log_prob(x_s, c)).mean())
+    assert float(comps["kl_z"]) == pytest.approx(by_hand, rel=1e-10, abs=1e-10)
+    assert by_hand > 0.05  # an untrained student is measurably off
+    assert float(weighted) == pytest.approx(float(base) + 2.5 * by_hand, rel=1e-10)
+    assert float(comps_w["loss"]) == pytest.approx(float(weighted), rel=1e-12)
+    weighted.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    # an exact student: no KL to add
+    exact = build_iaf_like(teacher).to(torch.float64)
+    _copy_into_student(teacher, exact)
+    with torch.no_grad():
+        _, comps_exact = distillation_step_loss(teacher, exact, x, c, x_pass=x_pass, kl_weight=1.0)
+    assert abs(float(comps_exact["kl_z"])) < 1e-10
 
 
 def test_mean_reduction_and_params_weight() -> None:
@@ -287,6 +318,10 @@ def test_distill_config_rejects_bad_values() -> None:
         DistillConfig(params_weight=-1.0)
     with pytest.raises(FlowsError, match="passes_per_epoch"):
         DistillConfig(passes_per_epoch=0)
+    with pytest.raises(FlowsError, match="kl_weight"):
+        DistillConfig(kl_weight=-0.5)
+    with pytest.raises(FlowsError, match="kl_weight"):
+        DistillConfig(kl_weight=float("nan"))
 
 
 def test_passes_per_epoch_multiplies_steps(tmp_path: Path) -> None:
