@@ -68,9 +68,12 @@ def _as_tensor(a: ArrayLike, name: str) -> tuple[Tensor, bool]:
     if isinstance(a, Tensor):
         return a.detach().to(torch.float64), False
     try:
-        return torch.as_tensor(np.asarray(a, dtype=np.float64)), True
+        arr = np.asarray(a, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise FlowsError(f"{name}: not a numeric array ({exc})") from None
+    if not arr.flags.writeable:  # e.g. a zero-copy view of a Parquet column: torch must not share it
+        arr = arr.copy()
+    return torch.as_tensor(arr), True
 
 
 def _out(t: Tensor, like: ArrayLike) -> ArrayLike:

@@ -26,6 +26,8 @@ Teacher and student are logged as MLflow pyfunc models (``name="teacher"`` / ``"
 ``predict`` takes a DataFrame with an ``incident_energy`` column (MeV) and returns showers (N, voxels)
 in MeV. The student is registered (``tracking.registered_model`` in the DAG) and gets the alias
 ``tracking.alias`` (default ``champion``), so ``calodistill generate --model models:/NAME@champion`` works.
+They are logged as "models from code" (``pipeline/mlflow_model.py``), not as a cloudpickled object, so
+loading one runs that readable file and reads weights with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -381,7 +383,7 @@ class PipelineTracker:
                 with mlflow.start_run(run_id=run_id):
                     info = mlflow.pyfunc.log_model(
                         name=role,
-                        python_model=ShowerGeneratorModel(),
+                        python_model=str(Path(__file__).with_name("mlflow_model.py")),  # models from code
                         artifacts={"model_dir": str(staged)},
                         signature=signature,
                         pip_requirements=_pip_requirements(),

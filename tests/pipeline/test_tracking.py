@@ -127,9 +127,16 @@ def test_pyfunc_predict_returns_showers(tracked: dict[str, Any]) -> None:
 
     client = MlflowClient(tracked["uri"], registry_uri=tracked["uri"])
     version = client.get_model_version_by_alias(REGISTERED, "champion").version
-    model = mlflow.pyfunc.load_model(client.get_model_version_download_uri(REGISTERED, version))
+    uri = client.get_model_version_download_uri(REGISTERED, version)
+    model = mlflow.pyfunc.load_model(uri)
     out = model.predict(pd.DataFrame({"incident_energy": [1e4, 5e4, 9e4]}))
     assert out.shape == (3, 504)
+    # logged as models from code: a readable source file, no pickled Python object
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tracked["tmp"] / "pyfunc"),
+                                                     tracking_uri=tracked["uri"]))
+    files = {p.name for p in local.rglob("*") if p.is_file()}
+    assert "mlflow_model.py" in files
+    assert not any(name.endswith((".pkl", ".pickle")) for name in files), sorted(files)
 
 
 def test_rerun_logs_skipped_stage_runs(tracked: dict[str, Any]) -> None:
