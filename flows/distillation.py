@@ -105,6 +105,12 @@ class DistillConfig:
     w = 16: −40.7 / 27.6), for ~8 % more time per step. With it, batch 64 / 32 (256 / 512 steps, the
     same wall time): −57.0 / −60.7 nats, KL 15.5 / 14.0; a student of hidden 128 (warm-started by
     embedding), centred spline logits in the MADE-output terms, lr 5e-4 or 3e-3: no better.
+
+    The rest is optimiser steps. Batch 32, noise weight 4, one-cycle, same teacher and showers:
+    512 / 1024 / 2048 / 4096 / 8192 steps give student NLL −60.7 / −69.1 / −74.6 / −76.7 / −80.7
+    nats (teacher −79.6 on those 50 showers), the gap halving with each doubling; the cosine schedule
+    reaches −78.4 (1.5 % from the teacher) at 4096 steps (25 min on one core). No gradient clipping
+    (1024 steps): −66.6 instead of −69.1.
     """
 
     beta: float = 0.5

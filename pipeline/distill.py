@@ -66,7 +66,9 @@ class StudentSettings:
 def _train_defaults() -> Any:
     from flows.training import TrainConfig
 
-    return TrainConfig(epochs=50, batch_size=256, lr=1e-3, patience=10)
+    # cosine: on the quickstart it beat one-cycle at 256 steps (student NLL -60.0 vs -57.0 nats) and at
+    # 4096 (-78.4 vs -76.7; teacher -79.6)
+    return TrainConfig(epochs=50, batch_size=256, lr=1e-3, schedule="cosine", patience=10)
 
 
 def _distill_defaults() -> Any:

@@ -70,6 +70,24 @@ def test_evaluate_writes_metrics_plots_report(calogan_files: dict[str, Path], tm
     assert set(details["separation_power"]) == {"good", "bad", "baseline"}
 
 
+def test_classifier_gets_equal_sample_sizes(calogan_files: dict[str, Path], tmp_path: Path) -> None:
+    """A larger sample must not get a stronger classifier: every sample enters with the smallest size."""
+    small = write_showers(_showers("calogan", 120, 5), tmp_path / "small.h5")
+    kwargs = dict(classifier=FAST, seed=0, bins=20, plots=False, timing_batch_sizes=())
+    metrics = evaluate_showers(calogan_files["reference"], [calogan_files["good"], small], tmp_path / "eq", **kwargs)
+    assert metrics["n_good"] == 300 and metrics["n_small"] == 120 and metrics["n_classifier"] == 120
+    details = json.loads((tmp_path / "eq" / "details.json").read_text())["classifier"]
+    sizes = {label: sum(details[f"high_{label}"][k] for k in ("n_train", "n_val", "n_test")) for label in ("good", "small")}
+    assert sizes["good"] == sizes["small"]  # generated + reference showers (the test balances the classes)
+    assert "Each generated sample enters with 120 showers" in (tmp_path / "eq" / "report.md").read_text()
+    # opting out: every shower, and no n_classifier
+    metrics = evaluate_showers(calogan_files["reference"], [calogan_files["good"], small], tmp_path / "all",
+                               classifier_equal_sizes=False, **kwargs)
+    assert "n_classifier" not in metrics
+    details = json.loads((tmp_path / "all" / "details.json").read_text())["classifier"]
+    assert sum(details["high_good"][k] for k in ("n_train", "n_val", "n_test")) > sizes["small"]
+
+
 def test_cli_evaluate_and_bad_input(calogan_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli"
     rc = main(["evaluate", "--reference", str(calogan_files["reference"]), "--generated",
