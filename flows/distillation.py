@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flows.errors import FlowsError
-from flows.losses import distillation_loss, kl_student_teacher, squared_error
-from flows.models import FlowTrace
-from flows.training import EpochCallback, FitResult, TrainConfig, evaluate_nll, fit, resolve_device
+from .errors import FlowsError
+from .losses import distillation_loss, kl_student_teacher, squared_error
+from .models import FlowTrace
+from .training import EpochCallback, FitResult, TrainConfig, evaluate_nll, fit, resolve_device
 
 __all__ = [
     "DistillConfig",

@@ -45,9 +45,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from flows import native
-from flows.errors import FlowsError
-from flows.models import IAF
+from . import native
+from .errors import FlowsError
+from .models import IAF
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flows.models import FlowTrace
+    from .models import FlowTrace
 
 __all__ = [
     "nll_loss",

@@ -31,8 +31,8 @@ from nflows.transforms.base import CompositeTransform, InverseTransform
 from nflows.transforms.permutations import Permutation
 from torch import Tensor, nn
 
-from flows.errors import FlowsError
-from flows.transforms import ACTIVATIONS, MaskedLinear, make_block
+from .errors import FlowsError
+from .transforms import ACTIVATIONS, MaskedLinear, make_block
 
 logger = logging.getLogger(__name__)
 

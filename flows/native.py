@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flows.errors import FlowsError
+from .errors import FlowsError
 
 __all__ = ["available", "unavailable_reason", "supports_bins", "rqs_inverse_native", "library_path", "NativeSpline", "vectorised"]
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flows.errors import FlowsError
+from .errors import FlowsError
 
 logger = logging.getLogger(__name__)
 

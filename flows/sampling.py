@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flows.errors import FlowsError
-from flows.fast import FastIAFSampler
-from flows.models import IAF, MAF
-from flows.preprocessing import CaloFlowPreprocessor
+from .errors import FlowsError
+from .fast import FastIAFSampler
+from .models import IAF, MAF
+from .preprocessing import CaloFlowPreprocessor
 
 logger = logging.getLogger(__name__)
 

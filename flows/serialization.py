@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from flows.errors import FlowsError
-from flows.models import IAF, MAF, FlowConfig, build_flow
-from flows.preprocessing import CaloFlowPreprocessor
-from flows.sampling import ShowerGenerator
+from .errors import FlowsError
+from .models import IAF, MAF, FlowConfig, build_flow
+from .preprocessing import CaloFlowPreprocessor
+from .sampling import ShowerGenerator
 
 logger = logging.getLogger(__name__)
 

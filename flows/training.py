@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from flows.errors import FlowsError, NonFiniteLossError
-from flows.losses import nll_loss
-from flows.serialization import atomic_torch_save
+from .errors import FlowsError, NonFiniteLossError
+from .losses import nll_loss
+from .serialization import atomic_torch_save
 
 __all__ = [
     "TrainConfig",

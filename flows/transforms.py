@@ -45,7 +45,7 @@ from nflows.transforms.splines import rational_quadratic as nflows_rq
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flows.errors import FlowsError
+from .errors import FlowsError
 
 logger = logging.getLogger(__name__)
 

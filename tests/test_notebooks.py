@@ -49,7 +49,7 @@ def pipeline_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not (Path(given) / "mlflow.db").is_file():
             pytest.fail(f"CALODISTILL_QUICKSTART_DIR={given}: no mlflow.db there")
         return Path(given)
-    from pipeline.runner import run_pipeline
+    from calodistill.pipeline.orchestration.runner import run_pipeline
 
     work = tmp_path_factory.mktemp("quickstart")
     cwd = Path.cwd()

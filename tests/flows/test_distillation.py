@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from flows.distillation import (
+from calodistill.flows.distillation import (
     DistillConfig,
     distill,
     distillation_step_loss,
@@ -19,10 +19,10 @@ from flows.distillation import (
     sample_nll,
     student_nll,
 )
-from flows.errors import FlowsError, NonFiniteLossError
-from flows.losses import distillation_loss, kl_student_teacher, squared_error
-from flows.models import IAF, MAF, FlowConfig, build_iaf_like, build_maf
-from flows.training import TrainConfig, evaluate_nll
+from calodistill.flows.errors import FlowsError, NonFiniteLossError
+from calodistill.flows.losses import distillation_loss, kl_student_teacher, squared_error
+from calodistill.flows.models import IAF, MAF, FlowConfig, build_iaf_like, build_maf
+from calodistill.flows.training import TrainConfig, evaluate_nll
 
 
 def _teacher(kind: str = "affine", n_blocks: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32) -> MAF:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from nflows.transforms.splines.rational_quadratic import unconstrained_rational_quadratic_spline
 
-from flows.errors import FlowsError
-from flows.fast import FastIAFSampler, fast_inverse, matmul_floor_shapes, rqs_inverse
-from flows.models import FlowConfig, build_iaf_like, build_maf
+from calodistill.flows.errors import FlowsError
+from calodistill.flows.fast import FastIAFSampler, fast_inverse, matmul_floor_shapes, rqs_inverse
+from calodistill.flows.models import FlowConfig, build_iaf_like, build_maf
 
 D, C = 7, 3
 

@@ -17,8 +17,8 @@ from nflows.transforms.linear import Linear as NflowsLinear
 from nflows.transforms.permutations import Permutation
 from nflows.transforms.splines import rational_quadratic as nflows_rq
 
-from flows.errors import FlowsError
-from flows.models import (
+from calodistill.flows.errors import FlowsError
+from calodistill.flows.models import (
     IAF,
     MAF,
     FlowConfig,
@@ -28,8 +28,8 @@ from flows.models import (
     flow1_config,
     teacher_config,
 )
-from flows.serialization import load_flow, save_flow
-from flows.transforms import MADE, MaskedLinear, rq_spline_linear_tails
+from calodistill.flows.serialization import load_flow, save_flow
+from calodistill.flows.transforms import MADE, MaskedLinear, rq_spline_linear_tails
 
 D, C = 5, 2
 FLOWS = ["flow1", "teacher-spline", "teacher-affine", "student-spline", "student-affine"]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from nflows.transforms.splines.rational_quadratic import unconstrained_rational_quadratic_spline
 
-from flows import native
-from flows.errors import FlowsError
-from flows.fast import FastIAFSampler
-from flows.models import FlowConfig, build_iaf_like, build_maf
+from calodistill.flows import native
+from calodistill.flows.errors import FlowsError
+from calodistill.flows.fast import FastIAFSampler
+from calodistill.flows.models import FlowConfig, build_iaf_like, build_maf
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CALODISTILL_NATIVE", "1") == "0", reason="native spline disabled by CALODISTILL_NATIVE=0")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from flows.errors import FlowsError
-from flows.preprocessing import ENERGY_UNIT_MEV, CaloFlowPreprocessor
+from calodistill.flows.errors import FlowsError
+from calodistill.flows.preprocessing import ENERGY_UNIT_MEV, CaloFlowPreprocessor
 
 SIZES = [3, 4, 2]
 Fitted = tuple[CaloFlowPreprocessor, np.ndarray, np.ndarray]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from flows.errors import FlowsError
-from flows.models import IAF, MAF, build_iaf_like, build_maf, flow1_config, teacher_config
-from flows.preprocessing import CaloFlowPreprocessor
-from flows.sampling import ShowerGenerator
-from flows.serialization import (
+from calodistill.flows.errors import FlowsError
+from calodistill.flows.models import IAF, MAF, build_iaf_like, build_maf, flow1_config, teacher_config
+from calodistill.flows.preprocessing import CaloFlowPreprocessor
+from calodistill.flows.sampling import ShowerGenerator
+from calodistill.flows.serialization import (
     FLOW1_FILE,
     PREPROCESSING_FILE,
     STUDENT_FILE,

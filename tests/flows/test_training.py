@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from flows.errors import FlowsError, NonFiniteLossError
-from flows.losses import nll_loss
-from flows.training import (
+from calodistill.flows.errors import FlowsError, NonFiniteLossError
+from calodistill.flows.losses import nll_loss
+from calodistill.flows.training import (
     DiagonalGaussianBaseline,
     FitResult,
     TrainConfig,

@@ -1,0 +1,85 @@
+"""The ``calodistill`` command line.
+
+Each subcommand lives in the module that implements its stage; that module provides
+``configure_parser(parser: argparse.ArgumentParser) -> None`` (arguments, description and example)
+and ``run_cli(args: argparse.Namespace) -> int`` (the exit status). Modules are imported only when
+their subcommand runs, so ``calodistill --help`` stays fast.
+
+Errors: a :class:`pipeline.errors.CalodistillError` (bad input, unknown names, refused overwrites) and
+the flows' training errors are printed as one line ``calodistill: error: ...`` with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+__all__ = ["main", "SUBCOMMANDS"]
+
+# name -> (module, one-line summary shown by `calodistill --help`)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("calodistill.pipeline.orchestration.runner", "run a pipeline DAG (dags/*.yaml) end to end on Dask, tracked in MLflow"),
+    "synth": ("calodistill.pipeline.data.synth", "generate synthetic GFLASH showers on a calorimeter geometry"),
+    "ingest": ("calodistill.pipeline.data.ingest", "ingest HDF5/CSV/Parquet/synthetic showers into a partitioned Parquet dataset"),
+    "train-teacher": ("calodistill.pipeline.stages.train_teacher", "train Flow I and the MAF teacher (Flow II) by maximum likelihood"),
+    "distill": ("calodistill.pipeline.stages.distill", "distil the IAF student from a trained teacher (CaloFlow II)"),
+    "generate": ("calodistill.pipeline.stages.generate", "generate showers with Flow I + the student (HDF5 or Parquet)"),
+    "evaluate": ("calodistill.pipeline.stages.evaluate", "compare generated showers with a reference: NLL, observables, AUC, plots"),
+    "bench": ("calodistill.pipeline.stages.bench", "benchmark teacher vs student sampling, the matmul floor, ingest and training"),
+}
+
+
+class _LazyHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _build_parser(selected: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="calodistill",
+        description="Fast surrogate calorimeter simulators: MAF teacher, IAF student, Dask + MLflow pipeline.",
+        epilog="Example: calodistill run dags/quickstart.yaml",
+        formatter_class=_LazyHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, summary) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary, formatter_class=_LazyHelpFormatter)
+        if name == selected:
+            module = importlib.import_module(module_name)
+            module.configure_parser(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``calodistill`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = _build_parser(selected if selected in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 1
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from ...flows.errors import FlowsError
+    from ..errors import CalodistillError
+
+    try:
+        return int(args._module.run_cli(args) or 0)
+    except (CalodistillError, FlowsError) as exc:
+        msg = " ".join(str(exc).split())
+        print(f"calodistill: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("calodistill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

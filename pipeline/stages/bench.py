@@ -1,0 +1,866 @@
+"""``calodistill bench``: teacher vs student sampling speed, the matmul floor, ingest and training.
+
+Everything is measured in one process, on one device, for one geometry (CaloChallenge protocol: time
+per shower at batch 1, 100 and 10 000; warm-up calls, several repeats, the median):
+
+- **Sampling.** Flow II only (the part the student replaces): the MAF teacher samples in D sequential
+  passes per block (nflows' loop); the IAF student in one pass, both through ``IAF.inverse`` (the
+  model as trained) and through :class:`flows.fast.FastIAFSampler` (precomputed dense weights, lean
+  spline). Every measurement has a time budget: when a call at the requested batch would not fit
+  (judged from the previous, smaller measurement), the largest batch of the 1-2-5 series that fits is
+  timed instead and the table says so. Nothing is extrapolated: every number in the table was measured
+  at the batch printed next to it, and speed-ups compare the two models at the same batch.
+- **Floor.** The student's dense matrix products alone (the same shapes, precomputed weights, a
+  ``torch.mm`` chain into preallocated outputs) at the same batch, unchunked and chunked as the
+  sampler chunks; the faster one is the floor. FLOPs per shower count the dense shapes (masked zeros
+  included), as the hardware executes them.
+- **Ingest.** :func:`pipeline.ingest.bench_ingest`: the Dask ingest of an HDF5 file against one plain
+  ``pyarrow.parquet.write_table`` of the same arrays in one process.
+- **Training.** Optimiser steps of the teacher (maximum likelihood, :func:`flows.losses.nll_loss`) and
+  of the student (CaloFlow II distillation, :func:`flows.distillation.distillation_step_loss`): showers
+  per second and peak memory (``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of the
+  process's peak resident set, reset through ``/proc/self/clear_refs`` where Linux allows it).
+
+Models are random-initialised at CaloFlow sizes for the geometry (timing does not depend on training)
+or loaded from trained model directories. Sizes for CaloChallenge dataset 1 follow the CaloFlow code
+(Krause, Pang & Shih, arXiv:2210.14245, github.com/Ian-Pang/caloflow-for-calochallenge): photons
+teacher hidden 378, student hidden 736; pions teacher 533, student 500; one hidden layer per MADE,
+8 blocks, 8 bins, tail bound 14. Other geometries: teacher hidden = D, student hidden = 2·D.
+
+References:
+    Krause & Shih, CaloFlow II, arXiv:2110.11377 (timing protocol, table of ms per shower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..atomic import atomic_write_text
+from ..errors import CalodistillError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_bench", "render_markdown", "configure_parser", "run_cli", "CALOFLOW_SIZES"]
+
+DEFAULT_GEOMETRY = "calochallenge-1-photons"
+DEFAULT_BATCHES = (1, 100, 10_000)
+QUICK_BATCHES = (1, 10, 100)
+
+#: (teacher hidden, student hidden) per geometry, from the CaloFlow dataset-1 code (see module docstring).
+CALOFLOW_SIZES: dict[str, tuple[int, int]] = {
+    "calochallenge-1-photons": (378, 736),
+    "calochallenge-1-pions": (533, 500),
+}
+
+SECTIONS = ("sampling", "floor", "ingest", "training")
+
+
+# ---------------------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """One measurement: seconds per call for each repeat at ``batch`` (the median is reported)."""
+
+    batch: int
+    seconds: list[float]
+    warmup: int
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def ms_per_shower(self) -> float:
+        return 1e3 * self.median_s / self.batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch, "repeats": len(self.seconds), "warmup": self.warmup,
+                "median_s": self.median_s, "ms_per_shower": self.ms_per_shower,
+                "seconds": self.seconds}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Seconds per call of ``fn``: ``warmup`` untimed calls, then ``repeats`` timed ones.
+
+    On CUDA each call is timed with CUDA events between synchronisations; on CPU with
+    ``time.perf_counter``.
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out: list[float] = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            out.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def _nice_batch_at_most(limit: float) -> int:
+    """Largest number of the 1-2-5 series not above ``limit`` (0 if ``limit`` < 1)."""
+    if limit < 1:
+        return 0
+    best = 1
+    decade = 1
+    while decade <= limit:
+        for m in (1, 2, 5):
+            if m * decade <= limit:
+                best = m * decade
+        decade *= 10
+    return best
+
+
+class BudgetedTimer:
+    """Times ``make_call(batch)`` at increasing batches, within ``budget_s`` per measurement.
+
+    The per-shower time of the last measurement (taken at a smaller batch, so an over-estimate per
+    shower for larger ones) decides whether the requested batch fits; if not, the largest 1-2-5 batch
+    that fits is timed. Repeats shrink (down to 1) and warm-up calls are dropped to stay in budget.
+    """
+
+    def __init__(self, name: str, make_call: Callable[[int], Callable[[], Any]], device: torch.device,
+                 budget_s: float, repeats: int, warmup: int) -> None:
+        self.name = name
+        self.make_call = make_call
+        self.device = device
+        self.budget_s = budget_s
+        self.repeats = repeats
+        self.warmup = warmup
+        self.last: Timing | None = None
+        self.cache: dict[int, Timing] = {}
+
+    def measure(self, batch: int) -> tuple[Timing, str]:
+        """``(timing, note)``: the timing is at ``timing.batch`` (≤ ``batch``); note says why if smaller."""
+        if batch in self.cache:
+            return self.cache[batch], ""
+        note = ""
+        target = batch
+        per_shower = None if self.last is None else self.last.median_s / self.last.batch
+        if per_shower is not None and per_shower * batch > self.budget_s:
+            target = _nice_batch_at_most(self.budget_s / per_shower)
+            target = max(target, self.last.batch)  # type: ignore[union-attr]
+            note = (f"batch {batch} exceeds the {self.budget_s:g} s budget (judged from batch "
+                    f"{self.last.batch}); timed batch {target}")  # type: ignore[union-attr]
+            if target in self.cache:
+                return self.cache[target], note
+        call = self.make_call(target)
+        repeats, warmup = self.repeats, self.warmup
+        if per_shower is not None:
+            fits = int(self.budget_s // max(per_shower * target, 1e-12))
+            repeats = max(1, min(repeats, fits))
+            warmup = min(warmup, max(0, fits - repeats))
+        else:  # first measurement: one call first to learn its cost
+            first = time_calls(call, self.device, 1, 0)[0]
+            fits = int(self.budget_s // max(first, 1e-12))
+            repeats = max(1, min(repeats, fits))
+            warmup = min(warmup, max(0, fits - repeats))
+        logger.info("bench %s: batch %d, %d warm-up + %d repeats", self.name, target, warmup, repeats)
+        timing = Timing(target, time_calls(call, self.device, repeats, warmup), warmup)
+        logger.info("bench %s: batch %d: %.4g ms per shower", self.name, target, timing.ms_per_shower)
+        self.cache[target] = timing
+        if self.last is None or target >= self.last.batch:
+            self.last = timing
+        return timing, note
+
+
+# ---------------------------------------------------------------------------------------- models
+def _default_sizes(geometry: str | None, features: int) -> tuple[int, int]:
+    if geometry in CALOFLOW_SIZES:
+        return CALOFLOW_SIZES[geometry]
+    return features, 2 * features
+
+
+def build_models(features: int, context_features: int, teacher_hidden: int, student_hidden: int,
+                 n_blocks: int = 8, n_hidden_layers: int = 1, seed: int = 0) -> tuple[Any, Any]:
+    """Random-initialised CaloFlow-style teacher MAF and student IAF (spline, 8 bins, tail bound 14)."""
+    from ...flows.models import FlowConfig, build_iaf_like, build_maf
+
+    torch.manual_seed(seed)
+    cfg = FlowConfig(features=features, context_features=context_features, n_blocks=n_blocks,
+                     hidden_features=teacher_hidden, n_hidden_layers=n_hidden_layers, kind="spline",
+                     num_bins=8, tail_bound=14.0, permutation="reverse")
+    teacher = build_maf(cfg)
+    student = build_iaf_like(teacher, hidden_features=student_hidden)
+    return teacher, student
+
+
+def load_models_from_dirs(model_dirs: Sequence[Path]) -> tuple[Any | None, Any | None, list[str]]:
+    """The first ``teacher.pt`` and ``student.pt`` found in the model directories (and their paths)."""
+    from ...flows.errors import FlowsError
+    from ...flows.serialization import STUDENT_FILE, TEACHER_FILE, load_flow
+
+    teacher = student = None
+    sources: list[str] = []
+    for d in model_dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise CalodistillError(f"{d}: no such model directory")
+        for name in (TEACHER_FILE, STUDENT_FILE):
+            path = d / name
+            if not path.is_file():
+                continue
+            if (name == TEACHER_FILE and teacher is not None) or (name == STUDENT_FILE and student is not None):
+                continue
+            try:
+                flow = load_flow(path, device="cpu")
+            except FlowsError as exc:
+                raise CalodistillError(f"{path}: {exc}") from None
+            if name == TEACHER_FILE:
+                teacher = flow
+            else:
+                student = flow
+            sources.append(str(path))
+    if teacher is None and student is None:
+        raise CalodistillError(f"{', '.join(str(d) for d in model_dirs)}: no teacher.pt or student.pt found")
+    return teacher, student, sources
+
+
+def _config_summary(flow: Any) -> dict[str, Any]:
+    from ...flows.models import count_parameters
+
+    return {**flow.config.to_dict(), "model": type(flow).__name__, "parameters": count_parameters(flow)}
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory growth of a code block: CUDA allocator peak, or the process's peak RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = ""
+        self.peak_mb = float("nan")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated - allocated before"
+            return self
+        self.base_rss = _proc_status_kb("VmRSS")
+        reset = False
+        try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            reset = True
+        except OSError:
+            pass
+        if self.base_rss is not None and reset:
+            self.method = "peak RSS (VmHWM, reset via /proc/self/clear_refs) - RSS before"
+        else:
+            import resource
+
+            self.base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.method = "ru_maxrss growth (lower bound: the process peak is not reset)"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        elif self.method.startswith("peak RSS"):
+            hwm = _proc_status_kb("VmHWM")
+            self.peak_mb = float("nan") if hwm is None else (hwm - self.base_rss) / 1024
+        else:
+            import resource
+
+            self.peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base_rss) / 1024
+
+
+# ---------------------------------------------------------------------------------------- sections
+def matmul_floor_call(sampler: Any, batch: int, chunk: int | None, device: torch.device) -> Callable[[], None]:
+    """A call doing only the student's dense products at ``batch`` rows (in chunks of ``chunk``)."""
+    rows = min(batch, chunk) if chunk else batch
+    shapes = sampler.matmul_shapes(rows)
+    weights: list[Tensor] = []
+    if sampler.ctx_w is not None:
+        weights.append(sampler.ctx_w)
+    for blk in sampler.blocks:
+        weights.append(blk.w_in)
+        weights.extend(w for w, _ in blk.hidden)
+        if blk.groups is not None:
+            weights.extend(wg for _, _, _, wg, _ in blk.groups)
+        else:
+            weights.append(blk.w_out)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    inputs = {k: torch.randn(rows, k, generator=gen, dtype=sampler.dtype).to(device) for _, k, _ in shapes}
+    outs = [torch.empty(rows, n, dtype=sampler.dtype, device=device) for _, _, n in shapes]
+    n_chunks = math.ceil(batch / rows)
+    last_rows = batch - (n_chunks - 1) * rows
+
+    def call() -> None:
+        with torch.inference_mode():
+            for i in range(n_chunks):
+                r = rows if i < n_chunks - 1 else last_rows
+                prev: Tensor | None = None
+                for (_, k, _), w, out in zip(shapes, weights, outs):
+                    a = prev if prev is not None and prev.shape[1] == k else inputs[k]
+                    torch.mm(a[:r], w, out=out[:r])
+                    prev = out[:r]
+
+    return call
+
+
+def _sampling_section(teacher: Any, student: Any, device: torch.device, batches: Sequence[int],
+                      budget_s: float, repeats: int, warmup: int, chunk_size: int | None,
+                      with_floor: bool, seed: int) -> dict[str, Any]:
+    from ...flows.fast import FastIAFSampler
+
+    teacher = teacher.to(device).eval()
+    student = student.to(device).eval()
+    sampler = FastIAFSampler(student, chunk_size=chunk_size)
+    dense = FastIAFSampler(student, chunk_size=chunk_size, groups=1)  # the dense shapes, for the floor
+    d = student.config.features
+    c = student.config.context_features
+    dtype = next(student.parameters()).dtype
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    zmax = max(batches)
+    z_all = torch.randn(zmax, d, generator=gen, dtype=dtype).to(device)
+    c_all = torch.randn(zmax, c, generator=gen, dtype=dtype).to(device) if c else None
+
+    def ctx(b: int) -> Tensor | None:
+        return None if c_all is None else c_all[:b]
+
+    def teacher_call(b: int) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.inference_mode():
+                return teacher.inverse(z_all[:b], ctx(b))
+        return call
+
+    def student_call(b: int) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.inference_mode():
+                return student.inverse(z_all[:b], ctx(b))
+        return call
+
+    def fast_call(b: int) -> Callable[[], Any]:
+        return lambda: sampler.sample(z_all[:b], ctx(b))
+
+    timers = {
+        "teacher": BudgetedTimer("teacher (MAF, D passes)", teacher_call, device, budget_s, repeats, min(warmup, 1)),
+        "student_iaf": BudgetedTimer("student (IAF.inverse)", student_call, device, budget_s, repeats, warmup),
+        "student_fast": BudgetedTimer("student (FastIAFSampler)", fast_call, device, budget_s, repeats, warmup),
+    }
+    flops = dense.flops_per_sample()
+    flops_exec = sampler.flops_per_sample()
+    rows: list[dict[str, Any]] = []
+    for b in sorted(set(batches)):
+        row: dict[str, Any] = {"batch": b}
+        for key, timer in timers.items():
+            t, note = timer.measure(b)
+            row[key] = {**t.to_dict(), "note": note}
+        # like-for-like: the student also at the teacher's batch when the teacher ran smaller
+        tb = row["teacher"]["batch"]
+        same = row["student_fast"] if row["student_fast"]["batch"] == tb else None
+        if same is None:
+            t, note = timers["student_fast"].measure(tb)
+            same = {**t.to_dict(), "note": note}
+        row["student_fast_at_teacher_batch"] = same
+        row["speedup_fast"] = row["teacher"]["ms_per_shower"] / same["ms_per_shower"] if same["batch"] == tb else None
+        same_iaf = row["student_iaf"] if row["student_iaf"]["batch"] == tb else None
+        row["speedup_iaf"] = (row["teacher"]["ms_per_shower"] / same_iaf["ms_per_shower"]
+                              if same_iaf is not None else None)
+        fb = row["student_fast"]["batch"]
+        row["student_gflops"] = flops_exec * fb / row["student_fast"]["median_s"] / 1e9
+        if with_floor:
+            fast = row["student_fast"]  # same repeats and warm-up as the sampler (within its budget)
+            best: dict[str, Any] | None = None
+            for chunk in dict.fromkeys([None, chunk_size if chunk_size and chunk_size < fb else None]):
+                t = Timing(fb, time_calls(matmul_floor_call(dense, fb, chunk, device), device,
+                                          fast["repeats"], fast["warmup"]), fast["warmup"])
+                cand = {**t.to_dict(), "chunk": chunk, "gflops": flops * fb / t.median_s / 1e9}
+                if best is None or cand["median_s"] < best["median_s"]:
+                    best = cand
+            assert best is not None
+            row["floor"] = best
+            row["student_over_floor"] = row["student_fast"]["median_s"] / best["median_s"]
+            chunk = chunk_size if chunk_size and chunk_size < fb else None
+            t = Timing(fb, time_calls(matmul_floor_call(sampler, fb, chunk, device), device,
+                                      fast["repeats"], fast["warmup"]), fast["warmup"])
+            row["own_matmuls"] = {**t.to_dict(), "chunk": chunk, "gflops": flops_exec * fb / t.median_s / 1e9}
+            row["student_over_own_matmuls"] = row["student_fast"]["median_s"] / t.median_s
+        rows.append(row)
+        logger.info("bench batch %d: teacher %.4g ms (batch %d), student fast %.4g ms", b,
+                    row["teacher"]["ms_per_shower"], tb, row["student_fast"]["ms_per_shower"])
+    return {
+        "flops_per_shower": flops,
+        "flops_per_shower_executed": flops_exec,
+        "output_groups": sampler.groups if sampler.structured else 1,
+        "matmul_shapes_per_shower": [list(s[1:]) for s in dense.matmul_shapes(1)],
+        "chunk_size": chunk_size,
+        "spline": _spline_description(sampler),
+        "rows": rows,
+    }
+
+
+def _spline_description(sampler: Any) -> str:
+    """Which spline inverse the fast sampler runs: the compiled one (and whether vectorised) or torch's."""
+    from ...flows import native
+
+    if sampler.kind != "spline":
+        return "affine (torch)"
+    if sampler.native:
+        vec = native.vectorised() and sampler.dtype == torch.float32
+        return f"compiled (flows.native, {'AVX2' if vec else 'scalar'} {str(sampler.dtype).replace('torch.', '')})"
+    reason = native.unavailable_reason() if sampler.device.type == "cpu" else "not on CPU"
+    return f"torch ops (flows.fast.rqs_inverse; compiled spline not used: {reason or 'not supported'})"
+
+
+def _training_section(teacher: Any, student: Any, device: torch.device, steps: int,
+                      teacher_batch: int, student_batch: int, seed: int) -> dict[str, Any]:
+    from ...flows.losses import nll_loss
+
+    out: dict[str, Any] = {}
+    d = teacher.config.features
+    c = teacher.config.context_features
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def data(b: int) -> tuple[Tensor, Tensor | None]:
+        x = torch.randn(b, d, generator=gen).to(device)
+        ctx = torch.randn(b, c, generator=gen).to(device) if c else None
+        return x, ctx
+
+    def run(name: str, model: Any, loss_fn: Callable[[Tensor, Tensor | None], Tensor], batch: int) -> None:
+        model.train()
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        x, ctx = data(batch)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(x, ctx)
+            loss.backward()
+            opt.step()
+
+        step()  # warm-up (allocates the optimiser state)
+        with PeakMemory(device) as mem:
+            seconds = time_calls(step, device, steps, 0)
+        med = statistics.median(seconds)
+        out[name] = {"batch": batch, "steps": steps, "median_step_s": med, "showers_per_s": batch / med,
+                     "peak_memory_mb": mem.peak_mb, "memory_method": mem.method}
+        logger.info("bench training %s: %.4g showers/s, peak %.4g MB", name, batch / med, mem.peak_mb)
+
+    for flow in (teacher, student):  # drop inference-mode weight caches before copying
+        flow.set_weight_cache(True)
+    t = copy.deepcopy(teacher).to(device)
+    run("teacher", t, lambda x, ctx: nll_loss(t, x, ctx), teacher_batch)
+    try:
+        from ...flows.distillation import distillation_step_loss
+    except ImportError as exc:  # the training helper's module
+        out["student"] = {"error": f"flows.distillation unavailable: {exc}"}
+        return out
+    frozen = copy.deepcopy(teacher).to(device).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    s = copy.deepcopy(student).to(device)
+    run("student", s, lambda x, ctx: distillation_step_loss(frozen, s, x, ctx, beta=0.5, fully_guided=True)[0],
+        student_batch)
+    out["student"]["loss"] = "CaloFlow II distillation (x-pass + z-pass, fully guided), teacher frozen"
+    out["teacher"]["loss"] = "maximum likelihood (nll_loss)"
+    return out
+
+
+def _ingest_section(geometry: str, n: int, scheduler: str | None) -> dict[str, Any]:
+    from ..data import ingest
+
+    if hasattr(ingest, "bench_ingest"):
+        return {"source": "calodistill.pipeline.data.ingest.bench_ingest", **ingest.bench_ingest(n=n, geometry=geometry,
+                                                                             scheduler=scheduler)}
+    raise CalodistillError("pipeline.ingest.bench_ingest: not available")
+
+
+# ---------------------------------------------------------------------------------------- device
+def device_info(device: torch.device) -> dict[str, Any]:
+    """CPU model (from /proc/cpuinfo), cores, threads, load, torch version, and the GPU's name."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    return info
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise CalodistillError(f"--device: must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CalodistillError("--device: cuda requested but no CUDA device is available")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------- main
+def run_bench(geometry: str | None = DEFAULT_GEOMETRY, device: str | None = None,
+              batches: Sequence[int] | None = None, budget_s: float = 60.0, repeats: int = 5,
+              warmup: int = 2, model_dirs: Sequence[str | os.PathLike[str]] | None = None,
+              teacher_hidden: int | None = None, student_hidden: int | None = None, n_blocks: int = 8,
+              features: int | None = None, context_features: int | None = None,
+              sections: Sequence[str] = SECTIONS, ingest_n: int = 20_000, ingest_geometry: str | None = None,
+              ingest_scheduler: str | None = None, train_steps: int = 5, teacher_train_batch: int = 200,
+              student_train_batch: int = 175, chunk_size: int | None = 256, threads: int | None = None,
+              quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run the benchmark and return its results (JSON-able), with ``markdown`` and flat ``metrics``.
+
+    Args:
+        geometry: geometry name (sizes and ingest); None for a geometry-free run with ``features``.
+        device: "cpu" or "cuda" (CUDA when available if None).
+        batches: batches to time (default 1, 100, 10 000; ``quick``: 1, 10, 100).
+        budget_s: most seconds one measurement (warm-up + repeats) may take.
+        repeats, warmup: timed and untimed calls per measurement (the teacher warms up once at most).
+        model_dirs: trained model directories (``teacher.pt`` / ``student.pt``); a model not found is
+            built random-initialised at the default size.
+        teacher_hidden, student_hidden, n_blocks: sizes of random-initialised models (defaults:
+            :data:`CALOFLOW_SIZES`, else D and 2·D; 8 blocks).
+        features, context_features: D and the context size without a geometry (context defaults to
+            1 + layers with a geometry).
+        sections: any of "sampling", "floor", "ingest", "training".
+        ingest_n, ingest_geometry, ingest_scheduler: showers, geometry and Dask scheduler of the ingest
+            benchmark (``None`` scheduler: a LocalCluster; "threads": in-process).
+        train_steps, teacher_train_batch, student_train_batch: optimiser steps timed and their batches
+            (CaloFlow: 200 teacher, 175 student).
+        chunk_size: rows per chunk of the fast student sampler.
+        threads: torch intra-op threads for the run (None: leave as is).
+        quick: small batches, 2 repeats, 1 warm-up, short budget, small ingest and few steps.
+        seed: seed of models and inputs.
+    """
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise CalodistillError(f"sections: unknown {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+    if quick:
+        batches = batches or QUICK_BATCHES
+        repeats, warmup = min(repeats, 2), min(warmup, 1)
+        budget_s = min(budget_s, 10.0)
+        ingest_n = min(ingest_n, 2000)
+        train_steps = min(train_steps, 2)
+    batches = list(batches or DEFAULT_BATCHES)
+    if not batches or any(int(b) != b or b < 1 for b in batches):
+        raise CalodistillError(f"batches: must be positive integers, got {batches}")
+    if budget_s <= 0 or repeats < 1 or warmup < 0:
+        raise CalodistillError("budget_s, repeats, warmup: must be > 0, >= 1, >= 0")
+    dev = _resolve_device(device)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise CalodistillError(f"threads: must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    try:
+        geo = None
+        if geometry is not None:
+            from ..data.geometry import get_geometry
+
+            try:
+                geo = get_geometry(geometry)
+            except (KeyError, ValueError) as exc:
+                raise CalodistillError(f"geometry: {exc}") from None
+        teacher = student = None
+        sources: list[str] = []
+        if model_dirs:
+            teacher, student, sources = load_models_from_dirs([Path(p) for p in model_dirs])
+        ref = teacher if teacher is not None else student
+        if ref is not None:
+            d, c = ref.config.features, ref.config.context_features
+        elif geo is not None:
+            d, c = geo.n_voxels, (context_features if context_features is not None else 1 + geo.n_layers)
+        elif features is not None:
+            d, c = features, context_features or 0
+        else:
+            raise CalodistillError("geometry: give a geometry name, model directories or features")
+        if geo is None and ref is not None:  # name the geometry of trained models when one fits
+            from ..data.geometry import infer_geometry
+
+            try:
+                geo = infer_geometry(d, "models")
+                geometry = geo.name
+            except CalodistillError:
+                pass
+        if geo is not None and d != geo.n_voxels:
+            raise CalodistillError(f"geometry: {geo.name} has {geo.n_voxels} voxels but the models have {d} features")
+        th, sh = _default_sizes(geometry, d)
+        th, sh = teacher_hidden or th, student_hidden or sh
+        if teacher is None or student is None:
+            rnd_teacher, rnd_student = build_models(d, c, th, sh, n_blocks=(ref.config.n_blocks if ref else n_blocks),
+                                                    seed=seed)
+            if teacher is None:
+                teacher = rnd_teacher
+            if student is None:
+                from ...flows.models import build_iaf_like
+
+                student = build_iaf_like(teacher, hidden_features=sh)
+        teacher = teacher.float()
+        student = student.float()
+        for flow in (teacher, student):  # start without cached masked weights (also makes copies safe)
+            flow.set_weight_cache(True)
+        result: dict[str, Any] = {
+            "geometry": geometry, "features": d, "context_features": c,
+            "models": "trained: " + ", ".join(sources) if sources else "random-initialised (timing does not depend on training)",
+            "model_sources": sources,
+            "teacher": _config_summary(teacher), "student": _config_summary(student),
+            "dtype": "float32", "budget_s": budget_s, "repeats": repeats, "warmup": warmup, "quick": quick,
+            "device_info": device_info(dev),
+        }
+        if "sampling" in sections or "floor" in sections:
+            result["sampling"] = _sampling_section(teacher, student, dev, batches, budget_s, repeats, warmup,
+                                                   chunk_size, "floor" in sections, seed)
+        if "training" in sections:
+            result["training"] = _training_section(teacher, student, dev, train_steps, teacher_train_batch,
+                                                   student_train_batch, seed)
+        if "ingest" in sections:
+            ig = ingest_geometry or (geometry if geometry is not None else "calogan")
+            result["ingest"] = _ingest_section(ig, ingest_n, ingest_scheduler)
+        result["device_info"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        result["wall_s"] = time.perf_counter() - t_start
+        result["metrics"] = flat_metrics(result)
+        result["markdown"] = render_markdown(result)
+        return result
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Flat ``name → float`` view of the results (for MLflow)."""
+    m: dict[str, float] = {}
+    samp = result.get("sampling")
+    if samp:
+        m["flops_per_shower"] = float(samp["flops_per_shower"])
+        for row in samp["rows"]:
+            b = row["batch"]
+            m[f"teacher_ms_per_shower_b{row['teacher']['batch']}"] = row["teacher"]["ms_per_shower"]
+            m[f"student_fast_ms_per_shower_b{row['student_fast']['batch']}"] = row["student_fast"]["ms_per_shower"]
+            m[f"student_iaf_ms_per_shower_b{row['student_iaf']['batch']}"] = row["student_iaf"]["ms_per_shower"]
+            if row.get("speedup_fast") is not None:
+                m[f"speedup_fast_b{row['teacher']['batch']}"] = row["speedup_fast"]
+            if "floor" in row:
+                m[f"floor_ms_per_shower_b{row['floor']['batch']}"] = row["floor"]["ms_per_shower"]
+                m[f"student_over_floor_b{b}"] = row["student_over_floor"]
+    tr = result.get("training") or {}
+    for name in ("teacher", "student"):
+        if name in tr and "showers_per_s" in tr[name]:
+            m[f"train_{name}_showers_per_s"] = tr[name]["showers_per_s"]
+            m[f"train_{name}_peak_mb"] = tr[name]["peak_memory_mb"]
+    ig = result.get("ingest")
+    if ig:
+        for k in ("ingest_showers_per_s", "ingest_mb_per_s", "baseline_showers_per_s", "baseline_mb_per_s", "ratio"):
+            if k in ig:
+                m[f"ingest_{k}" if not k.startswith("ingest") else k] = float(ig[k])
+    return m
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def _cell(t: dict[str, Any], requested: int) -> str:
+    s = _fmt(t["ms_per_shower"])
+    if t["batch"] != requested:
+        s += f" (at batch {t['batch']})†"
+    return s
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The results as markdown tables (sampling, ingest, training) with the set-up above them."""
+    info = result["device_info"]
+    lines = [
+        f"Device: {info['device']}" + (f" ({info['gpu']})" if info.get("gpu") else "")
+        + f"; CPU: {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']} with "
+        f"{info['torch_threads']} threads; load average at start {_load(info.get('load_average'))}, "
+        f"at end {_load(info.get('load_average_end'))}.",
+        f"Geometry: {result['geometry'] or 'none'} (D = {result['features']}, context {result['context_features']}); "
+        f"models: {result['models']}; {result['dtype']}.",
+        f"Teacher: MAF, {result['teacher']['n_blocks']} blocks, hidden {result['teacher']['hidden_features']} "
+        f"× {result['teacher']['n_hidden_layers']}, {result['teacher']['parameters']:,} parameters. "
+        f"Student: IAF, hidden {result['student']['hidden_features']} × {result['student']['n_hidden_layers']}, "
+        f"{result['student']['parameters']:,} parameters.",
+        f"Protocol: median of up to {result['repeats']} repeats after {result['warmup']} warm-up calls "
+        f"(teacher: 1), budget {result['budget_s']:g} s per measurement; ms per shower of Flow II sampling.",
+        "",
+    ]
+    samp = result.get("sampling")
+    notes: list[str] = []
+    if samp:
+        lines += [
+            f"FLOPs per shower: {samp['flops_per_shower'] / 1e6:.1f} MFLOP as dense matmuls (the floor's "
+            f"shapes); the fast sampler executes {samp['flops_per_shower_executed'] / 1e6:.1f} MFLOP "
+            f"(output layer in {samp['output_groups']} groups skipping the MADE mask's zeros); "
+            f"chunks of {samp['chunk_size']} rows; spline inverse: {samp.get('spline', 'torch ops')}.",
+            "",
+            "| batch | teacher ms/shower | student IAF.inverse ms/shower | student fast ms/shower "
+            "| speed-up teacher/fast (same batch) | dense matmul floor ms/shower | fast / dense floor "
+            "| fast / its own matmuls | fast GFLOP/s (executed) | floor GFLOP/s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in samp["rows"]:
+            b = row["batch"]
+            sp = row.get("speedup_fast")
+            sp_s = "—" if sp is None else f"{_fmt(sp)}× (batch {row['teacher']['batch']})"
+            fl = row.get("floor")
+            lines.append(
+                f"| {b:,} | {_cell(row['teacher'], b)} | {_cell(row['student_iaf'], b)} | "
+                f"{_cell(row['student_fast'], b)} | {sp_s} | {_fmt(fl['ms_per_shower']) if fl else '—'} | "
+                f"{_fmt(row.get('student_over_floor'))} | {_fmt(row.get('student_over_own_matmuls'))} | "
+                f"{_fmt(row['student_gflops'])} | "
+                f"{_fmt(fl['gflops']) if fl else '—'} |")
+            for key in ("teacher", "student_iaf", "student_fast"):
+                if row[key]["note"]:
+                    notes.append(f"† {key}: {row[key]['note']}.")
+        lines.append("")
+        if notes:
+            lines += [*dict.fromkeys(notes), "Every figure was measured at the batch shown; none is extrapolated.", ""]
+    tr = result.get("training")
+    if tr:
+        lines += ["| training | loss | batch | showers/s | peak memory MB |", "|---|---|---:|---:|---:|"]
+        for name in ("teacher", "student"):
+            r = tr.get(name)
+            if not r:
+                continue
+            if "error" in r:
+                lines.append(f"| {name} | {r['error']} | — | — | — |")
+                continue
+            lines.append(f"| {name} | {r['loss']} | {r['batch']} | {_fmt(r['showers_per_s'])} | "
+                         f"{_fmt(r['peak_memory_mb'])} |")
+        method = next((tr[n]["memory_method"] for n in ("teacher", "student") if n in tr and "memory_method" in tr[n]), "")
+        lines += ["", f"Peak memory: {method}.", ""]
+    ig = result.get("ingest")
+    if ig:
+        lines += [
+            "| ingest | showers | showers/s | MB/s |", "|---|---:|---:|---:|",
+            f"| calodistill ingest (Dask, {ig.get('n_workers', '?')} workers) | {ig['n']:,} | "
+            f"{_fmt(ig['ingest_showers_per_s'])} | {_fmt(ig['ingest_mb_per_s'])} |",
+            f"| plain read + pyarrow.parquet.write_table (one process) | {ig['n']:,} | "
+            f"{_fmt(ig['baseline_showers_per_s'])} | {_fmt(ig['baseline_mb_per_s'])} |",
+            "",
+            f"Ingest / plain write_table throughput: {_fmt(ig['ratio'])} (geometry {ig['geometry']}; "
+            f"cluster start-up {_fmt(ig.get('cluster_start_s'))} s not counted; MB = uncompressed voxels + energies).",
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _load(v: Sequence[float] | None) -> str:
+    return "n/a" if not v else "/".join(f"{x:.1f}" for x in v)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``calodistill bench``."""
+    parser.description = (
+        "Benchmark, in one process on one device: teacher (MAF, D sequential passes) vs student (IAF, one "
+        "pass) sampling time per shower at batch 1, 100, 10000 (CaloChallenge protocol: warm-up, repeats, "
+        "median), the student's dense-matmul floor and FLOPs, ingest vs a plain pyarrow write_table, and "
+        "training throughput and peak memory. Models are random-initialised at CaloFlow sizes unless "
+        "--model-dir is given. A batch that would exceed --budget-s is replaced by the largest that fits, "
+        "and the table says so; nothing is extrapolated. Prints a markdown table; --out writes JSON."
+    )
+    parser.epilog = (
+        "Examples:\n"
+        "  calodistill bench --geometry calochallenge-1-photons --device cpu --out bench.json\n"
+        "  calodistill bench --quick --out /tmp/bench.json\n"
+        "  calodistill bench --model-dir runs/student --sections sampling,floor --budget-s 300"
+    )
+    from ..data.geometry import GEOMETRY_NAMES
+
+    parser.add_argument("--geometry", default=None,
+                        help=f"one of {', '.join(GEOMETRY_NAMES)} (default {DEFAULT_GEOMETRY}, or that of "
+                             "the --model-dir models)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE.json", help="write the results as JSON")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="FILE.md", help="also write the table")
+    parser.add_argument("--budget-s", type=float, default=60.0, metavar="SECONDS",
+                        help="most seconds per measurement (default 60)")
+    parser.add_argument("--model-dir", action="append", type=Path, default=None, metavar="DIR",
+                        help="trained model directory with teacher.pt and/or student.pt (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="small batches, short budget: a smoke run")
+    parser.add_argument("--batches", default=None, metavar="B1,B2,...", help="batches (default 1,100,10000)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up calls per measurement (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--chunk-size", type=int, default=256, help="fast sampler chunk rows (default 256)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), metavar="LIST",
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--ingest-n", type=int, default=20_000, help="showers for the ingest benchmark")
+    parser.add_argument("--ingest-scheduler", default=None,
+                        help="Dask scheduler for ingest (default: a LocalCluster; 'threads': in-process)")
+    parser.add_argument("--train-steps", type=int, default=5, help="timed optimiser steps per model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of models and inputs")
+
+
+def _parse_batches(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CalodistillError(f"--batches: expected comma-separated integers, got {text!r}") from None
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``calodistill bench``: print the markdown table, write JSON (and markdown) if asked."""
+    result = run_bench(
+        geometry=args.geometry or (None if args.model_dir else DEFAULT_GEOMETRY), device=args.device, batches=_parse_batches(args.batches),
+        budget_s=args.budget_s, repeats=args.repeats, warmup=args.warmup, model_dirs=args.model_dir,
+        sections=[s.strip() for s in args.sections.split(",") if s.strip()], ingest_n=args.ingest_n,
+        ingest_scheduler=args.ingest_scheduler, train_steps=args.train_steps, chunk_size=args.chunk_size,
+        threads=args.threads, quick=args.quick, seed=args.seed,
+    )
+    print(result["markdown"])
+    if args.out is not None:
+        atomic_write_text(args.out, json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.out}")
+    if args.markdown is not None:
+        atomic_write_text(args.markdown, result["markdown"])
+        print(f"wrote {args.markdown}")
+    return 0

@@ -1,0 +1,199 @@
+"""MLflow tracking of a pipeline run: parent + nested stage runs, metrics, params, tags, artifacts,
+the registered student with its alias, and ``generate`` from ``models:/NAME@ALIAS``.
+
+One pipeline (fake cheap stages + a stage that writes a tiny real generator) runs twice against a
+temporary SQLite store; the checks read the store back with ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from calodistill.pipeline.orchestration.registry import InputSpec, StageContext, StageKind, StageResult, register_stage_kind
+from calodistill.pipeline.orchestration.tracking import flatten_params, resolve_tracking_uri
+from tests.pipeline.stages.test_generate import make_model_dir
+from tests.pipeline.orchestration import test_runner as fakes  # registers the fake_* kinds
+
+
+def fake_student(ctx: StageContext) -> StageResult:
+    model = ctx.outputs["model"]
+    make_model_dir(model, kind="student")
+    for epoch in range(3):
+        ctx.log_metrics({"kl_student_teacher": 3.0 - epoch}, epoch)
+    return StageResult(metrics={"test_nll": 1.0, "kl_student_teacher": 1.0, "sample_ms_per_shower": 0.1,
+                                "teacher_sample_ms_per_shower": 10.0, "speedup_vs_teacher": 100.0},
+                       artifacts=[(str(model / "preprocessing.json"), "model")], model_output="model",
+                       tags={"device": "cpu", "dataset_hash": "abc123"})
+
+
+register_stage_kind(StageKind("fake_student", fake_student, inputs={"teacher": InputSpec()},
+                              outputs={"model": "model"}, key_metric="speedup_vs_teacher", model_role="student"),
+                    replace=True)
+
+REGISTERED = "calodistill-test-student"
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from calodistill.pipeline.orchestration.runner import run_pipeline
+
+    tmp = tmp_path_factory.mktemp("tracking")
+    log = tmp / "calls.log"
+    data = {
+        "name": "tracked",
+        "tracking": {"experiment": "calodistill-test", "registered_model": REGISTERED, "alias": "champion",
+                     "system_metrics_interval": 1.0},
+        "cluster": {"processes": False},
+        "stages": {
+            "source": {"kind": "fake_source", "params": {"log": str(log), "value": 2}},
+            "train": {"kind": "fake_train", "inputs": {"data": "source.data"},
+                      "params": {"log": str(log), "epochs": 4, "nested": {"lr": 0.001}}},
+            "distill": {"kind": "fake_student", "inputs": {"teacher": "train.model"}},
+        },
+    }
+    dag = tmp / "tracked.yaml"
+    dag.write_text(yaml.safe_dump(data))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    first = run_pipeline(dag, run_root=tmp / "runs", tracking_uri=uri)
+    second = run_pipeline(dag, run_root=tmp / "runs", tracking_uri=uri)
+    return {"uri": uri, "first": first, "second": second, "tmp": tmp}
+
+
+def _children(client: Any, parent_id: str) -> dict[str, Any]:
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.info.run_name: r for r in runs}
+
+
+def test_parent_and_nested_runs_with_metrics(tracked: dict[str, Any]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracked["uri"])
+    first = tracked["first"]
+    assert first.ok and first.parent_run_id
+    parent = client.get_run(first.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "tracked"
+    assert parent.data.tags["calodistill.dag"] == "tracked"
+    assert "git_commit" in parent.data.tags or "mlflow.source.git.commit" in parent.data.tags
+    children = _children(client, first.parent_run_id)
+    assert set(children) == {"source", "train", "distill"}
+    train = children["train"]
+    assert train.info.status == "FINISHED"
+    assert train.data.params["epochs"] == "4" and train.data.params["nested.lr"] == "0.001"
+    assert train.data.params["input.data"] == "source.data"
+    assert train.data.metrics["test_nll"] == pytest.approx(1.3)
+    history = client.get_metric_history(train.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]
+    assert sorted(m.value for m in history)[0] == pytest.approx(0.25)
+    assert train.data.tags["calodistill.status"] == "ran" and train.data.tags["device"] == "cpu"
+    distill = children["distill"]
+    for key in ("test_nll", "kl_student_teacher", "sample_ms_per_shower", "teacher_sample_ms_per_shower",
+                "speedup_vs_teacher"):
+        assert key in distill.data.metrics
+    # the final kl value is logged after the per-epoch ones, so it is the run's latest value
+    assert distill.data.metrics["kl_student_teacher"] == pytest.approx(1.0)
+    assert distill.data.tags["dataset_hash"] == "abc123"
+    arts = [a.path for a in client.list_artifacts(distill.info.run_id, "model")]
+    assert "model/preprocessing.json" in arts
+    assert any(a.path == "dag.yaml" for a in client.list_artifacts(first.parent_run_id))
+
+
+def test_student_registered_with_alias_and_generate_loads_it(tracked: dict[str, Any]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from calodistill.pipeline.data.formats import read_showers
+    from calodistill.pipeline.stages.generate import generate_showers_file
+
+    client = MlflowClient(tracked["uri"], registry_uri=tracked["uri"])
+    version = client.get_model_version_by_alias(REGISTERED, "champion")
+    assert int(version.version) >= 1
+    out = tracked["tmp"] / "from_registry.h5"
+    res = generate_showers_file(f"models:/{REGISTERED}@champion", 5, "10GeV", out, device="cpu",
+                                tracking_uri=tracked["uri"])
+    assert res["model_kind"] == "student"
+    assert len(read_showers(out)) == 5
+
+
+def test_pyfunc_predict_returns_showers(tracked: dict[str, Any]) -> None:
+    import mlflow
+    import pandas as pd
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracked["uri"], registry_uri=tracked["uri"])
+    version = client.get_model_version_by_alias(REGISTERED, "champion").version
+    uri = client.get_model_version_download_uri(REGISTERED, version)
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(pd.DataFrame({"incident_energy": [1e4, 5e4, 9e4]}))
+    assert out.shape == (3, 504)
+    # logged as models from code: a readable source file, no pickled Python object
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tracked["tmp"] / "pyfunc"),
+                                                     tracking_uri=tracked["uri"]))
+    files = {p.name for p in local.rglob("*") if p.is_file()}
+    assert "mlflow_model.py" in files
+    assert not any(name.endswith((".pkl", ".pickle")) for name in files), sorted(files)
+
+
+def test_rerun_logs_skipped_stage_runs(tracked: dict[str, Any]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracked["uri"])
+    second = tracked["second"]
+    assert [s.status for s in second.stages] == ["skipped", "skipped", "skipped"]
+    assert second.parent_run_id != tracked["first"].parent_run_id
+    children = _children(client, second.parent_run_id)
+    assert set(children) == {"source", "train", "distill"}
+    assert all(r.data.tags["calodistill.status"] == "skipped" for r in children.values())
+    assert children["train"].data.metrics["test_nll"] == pytest.approx(1.3)
+
+
+def test_failed_stage_marks_runs_failed(tracked: dict[str, Any]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from calodistill.pipeline.orchestration.runner import run_pipeline
+
+    tmp = tracked["tmp"]
+    data = {"name": "failing", "tracking": {"experiment": "calodistill-test"}, "cluster": {"processes": False},
+            "stages": {"source": {"kind": "fake_source", "params": {"log": str(tmp / "f.log")}},
+                       "train": {"kind": "fake_train", "inputs": {"data": "source.data"},
+                                 "params": {"log": str(tmp / "f.log"), "epochs": 2, "crash_after": 0,
+                                            "crash_flag": str(tmp / "f.flag")}}}}
+    dag = tmp / "failing.yaml"
+    dag.write_text(yaml.safe_dump(data))
+    summary = run_pipeline(dag, run_root=tmp / "runs", tracking_uri=tracked["uri"])
+    assert not summary.ok
+    client = MlflowClient(tracked["uri"])
+    assert client.get_run(summary.parent_run_id).info.status == "FAILED"
+    train = _children(client, summary.parent_run_id)["train"]
+    assert train.info.status == "FAILED"
+    assert "simulated crash" in train.data.tags["calodistill.error"]
+
+
+def test_tracking_uri_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
+    assert resolve_tracking_uri() == "sqlite:////elsewhere/x.db"
+    assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
+
+
+def test_flatten_params() -> None:
+    flat = flatten_params({"a": 1, "b": {"c": [1, 2], "d": {"e": "x"}}, "f": None})
+    assert flat == {"a": "1", "b.c": "[1, 2]", "b.d.e": "x", "f": "null"}
+
+
+def test_unknown_registered_model_is_a_clear_error(tracked: dict[str, Any]) -> None:
+    from calodistill.pipeline.errors import CalodistillError
+    from calodistill.pipeline.stages.generate import resolve_model_dir
+
+    with pytest.raises(CalodistillError, match="--model models:/nope@champion: cannot load from MLflow"):
+        resolve_model_dir("models:/nope@champion", tracking_uri=tracked["uri"])
+
+
+_ = fakes
