@@ -38,10 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .device import resolve_device
 from .errors import FlowsError
 from .losses import distillation_loss, kl_student_teacher, squared_error
 from .models import FlowTrace
-from .training import EpochCallback, FitResult, TrainConfig, evaluate_nll, fit, resolve_device
+from .training import EpochCallback, FitResult, TrainConfig, evaluate_nll, fit
 
 __all__ = [
     "DistillConfig",

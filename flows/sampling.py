@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .device import resolve_device
 from .errors import FlowsError
 from .fast import FastIAFSampler
 from .models import IAF, MAF
@@ -26,7 +27,7 @@ ArrayLike = Union[np.ndarray, Tensor]
 
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(None)
 
 
 class ShowerGenerator:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from .device import resolve_device
 from .errors import FlowsError, NonFiniteLossError
 from .losses import nll_loss
 from .serialization import atomic_torch_save
@@ -45,7 +45,6 @@ __all__ = [
     "TrainConfig",
     "FitResult",
     "fit",
-    "resolve_device",
     "train_flow_mle",
     "evaluate_nll",
     "DiagonalGaussianBaseline",
@@ -138,16 +137,6 @@ class FitResult:
     stopped_early: bool
     resumed_from: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as a :class:`torch.device`; None means CUDA when available, else CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FlowsError("device: cuda requested but CUDA is not available")
-    return dev
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -54,8 +54,8 @@ Metadata
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import dataclasses
+import datetime as _dt
 import hashlib
 import json
 import logging
@@ -73,7 +73,14 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CalodistillError
-from .formats import PARQUET_METADATA_KEY, ColumnSpec, Source, open_source, resolve_geometry, showers_to_table
+from .formats import (
+    PARQUET_METADATA_KEY,
+    ColumnSpec,
+    Source,
+    open_source,
+    resolve_geometry,
+    showers_to_table,
+)
 from .geometry import Geometry, get_geometry
 from .showers import Showers
 

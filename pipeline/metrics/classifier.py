@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from ..errors import CalodistillError
+from ...flows.device import resolve_device
 from ..data.showers import Showers
+from ..errors import CalodistillError
 
 __all__ = [
     "ClassifierConfig",
@@ -241,7 +242,7 @@ def classifier_two_sample_test(
     std = np.where(std > 1e-12, std, 1.0)
     x_tr, x_va, x_te = ((x - mean) / std for x in (x_tr, x_va, x_te))
 
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(config.device)
     gen_torch = torch.Generator().manual_seed(seed)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

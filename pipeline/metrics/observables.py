@@ -31,9 +31,9 @@ import logging
 
 import numpy as np
 
-from ..errors import CalodistillError
 from ..data.geometry import Geometry
 from ..data.showers import Showers
+from ..errors import CalodistillError
 
 __all__ = [
     "DEFAULT_THRESHOLD_MEV",

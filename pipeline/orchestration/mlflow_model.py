@@ -8,6 +8,8 @@ stores this short, readable source with the model instead of a cloudpickle of th
 
 from mlflow.models import set_model
 
-from calodistill.pipeline.orchestration.tracking import ShowerGeneratorModel  # run as a file by MLflow: absolute
+from calodistill.pipeline.orchestration.tracking import (
+    ShowerGeneratorModel,  # run as a file by MLflow: absolute
+)
 
 set_model(ShowerGeneratorModel())

@@ -30,13 +30,13 @@ import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CalodistillError
+from ..metrics.timing import time_sampling
 
 __all__ = [
     "InputSpec",
@@ -46,7 +46,6 @@ __all__ = [
     "get_stage_kind",
     "register_stage_kind",
     "stage_kind_names",
-    "time_sampling",
     "unregister_stage_kind",
 ]
 
@@ -217,14 +216,9 @@ def _float_metrics(result: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def _device_tag(device: str | None) -> str:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return device or "cpu"
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.startswith("cuda") and torch.cuda.is_available():
-        return f"{dev} ({torch.cuda.get_device_name(torch.device(dev))})"
-    return dev
+    from ...flows.device import describe_device
+
+    return describe_device(device)
 
 
 def _dataset_hash(path: Path) -> str | None:
@@ -243,51 +237,6 @@ def _small_files(directory: Path, max_bytes: int = 5_000_000, patterns: tuple[st
         files.extend(p for p in sorted(directory.glob(pattern)) if p.is_file() and p.stat().st_size <= max_bytes)
     return files
 
-
-def time_sampling(
-    model_dir: Path,
-    batch: int,
-    device: str | None = None,
-    repeats: int = 3,
-    seed: int = 0,
-    energy_range_mev: tuple[float, float] = (1_000.0, 100_000.0),
-) -> float:
-    """Median wall time per shower (ms) of ``ShowerGenerator.sample`` at a fixed batch.
-
-    One warm-up call (at most 16 showers), then ``repeats`` timed calls of ``batch`` showers with
-    log-uniform incident energies in ``energy_range_mev``; the median per-shower time is returned.
-    Times Flow I + Flow II + the inverse preprocessing (what a user of ``generate`` waits for).
-
-    Args:
-        model_dir: a teacher or student model directory (``flows.serialization.load_generator``).
-        batch: showers per timed call.
-        device: torch device (default: CUDA when present, else CPU).
-        repeats: timed calls.
-        seed: energies and sampling seed.
-        energy_range_mev: incident-energy range.
-    """
-    import numpy as np
-    import torch
-
-    from ...flows.serialization import load_generator
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gen = load_generator(Path(model_dir))
-    rng = np.random.default_rng(seed)
-    lo, hi = np.log(energy_range_mev[0]), np.log(energy_range_mev[1])
-    energies = np.exp(rng.uniform(lo, hi, size=batch))
-    torch.manual_seed(seed)
-    gen.sample(energies[: min(16, batch)], batch_size=batch, device=dev)
-    times: list[float] = []
-    for _ in range(max(1, repeats)):
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        gen.sample(energies, batch_size=batch, device=dev)
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1000.0 / batch
 
 
 # ---------------------------------------------------------------------------------------------- adapters

@@ -48,9 +48,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dag import DagSpec, FileInput, LiteralInput, StageRef, StageSpec, load_dag
 from ..atomic import atomic_write_json
 from ..errors import CalodistillError
+from .dag import DagSpec, FileInput, LiteralInput, StageRef, StageSpec, load_dag
 
 __all__ = [
     "COMPLETE_MARKER",

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..data.store import DEFAULT_TRACKING_FILE, resolve_tracking_uri
 
 if TYPE_CHECKING:  # pragma: no cover
     from .dag import DagSpec, StageSpec
@@ -56,18 +57,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_FILE = "mlflow.db"
 _MAX_PARAM_LEN = 6000
 
-
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """The tracking URI: the argument, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///$PWD/mlflow.db``."""
-    if tracking_uri:
-        return tracking_uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{(Path.cwd() / DEFAULT_TRACKING_FILE).resolve()}"
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -102,14 +93,9 @@ def git_commit(path: Path | None = None) -> str | None:
 
 
 def _driver_device() -> str:
-    try:
-        import torch
+    from ...flows.device import describe_device
 
-        if torch.cuda.is_available():
-            return f"cuda ({torch.cuda.get_device_name(0)})"
-    except ImportError:  # pragma: no cover
-        pass
-    return "cpu"
+    return describe_device(None)
 
 
 try:
@@ -277,7 +263,9 @@ class PipelineTracker:
     def _start_monitor(self, stage: str, run_id: str) -> None:
         try:
             import psutil  # noqa: F401
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from mlflow.system_metrics.system_metrics_monitor import (
+                SystemMetricsMonitor,
+            )
         except ImportError:
             return
         try:

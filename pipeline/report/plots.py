@@ -122,7 +122,11 @@ def _draw_observable(
     quantile: float,
     xlabel: str | None,
 ) -> None:
-    from ..metrics.observables import normalised_histograms, observable_label, shared_bin_edges
+    from ..metrics.observables import (
+        normalised_histograms,
+        observable_label,
+        shared_bin_edges,
+    )
 
     labels = [reference] + [k for k in samples if k != reference]
     edges = shared_bin_edges([samples[k] for k in labels], bins, quantile)

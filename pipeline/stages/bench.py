@@ -50,8 +50,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...flows.device import resolve_device
 from ..atomic import atomic_write_text
 from ..errors import CalodistillError
+from ..metrics.timing import time_calls
 
 logger = logging.getLogger(__name__)
 
@@ -92,35 +94,6 @@ class Timing:
                 "median_s": self.median_s, "ms_per_shower": self.ms_per_shower,
                 "seconds": self.seconds}
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Seconds per call of ``fn``: ``warmup`` untimed calls, then ``repeats`` timed ones.
-
-    On CUDA each call is timed with CUDA events between synchronisations; on CPU with
-    ``time.perf_counter``.
-    """
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    out: list[float] = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            out.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return out
 
 
 def _nice_batch_at_most(limit: float) -> int:
@@ -527,16 +500,6 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise CalodistillError(f"--device: must be cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CalodistillError("--device: cuda requested but no CUDA device is available")
-    return torch.device(device)
-
-
 # ---------------------------------------------------------------------------------------- main
 def run_bench(geometry: str | None = DEFAULT_GEOMETRY, device: str | None = None,
               batches: Sequence[int] | None = None, budget_s: float = 60.0, repeats: int = 5,
@@ -585,7 +548,7 @@ def run_bench(geometry: str | None = DEFAULT_GEOMETRY, device: str | None = None
         raise CalodistillError(f"batches: must be positive integers, got {batches}")
     if budget_s <= 0 or repeats < 1 or warmup < 0:
         raise CalodistillError("budget_s, repeats, warmup: must be > 0, >= 1, >= 0")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     old_threads = torch.get_num_threads()
     if threads is not None:
         if threads < 1:

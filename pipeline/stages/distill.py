@@ -170,7 +170,12 @@ def _load_teacher_dir(teacher_dir: Path) -> tuple[Any, Any, Any]:
     from ...flows.errors import FlowsError
     from ...flows.models import MAF
     from ...flows.preprocessing import CaloFlowPreprocessor
-    from ...flows.serialization import FLOW1_FILE, PREPROCESSING_FILE, TEACHER_FILE, load_flow
+    from ...flows.serialization import (
+        FLOW1_FILE,
+        PREPROCESSING_FILE,
+        TEACHER_FILE,
+        load_flow,
+    )
 
     for name in (PREPROCESSING_FILE, FLOW1_FILE, TEACHER_FILE):
         if not (teacher_dir / name).is_file():
@@ -226,11 +231,18 @@ def distill_student(
     """
     import torch
 
-    from ...flows.distillation import distill, init_student_from_teacher, paired_max_error, sample_nll, student_nll
+    from ...flows.device import resolve_device
+    from ...flows.distillation import (
+        distill,
+        init_student_from_teacher,
+        paired_max_error,
+        sample_nll,
+        student_nll,
+    )
     from ...flows.models import build_iaf_like, count_parameters
     from ...flows.sampling import ShowerGenerator
     from ...flows.serialization import save_generator_dir
-    from ...flows.training import evaluate_nll, resolve_device
+    from ...flows.training import evaluate_nll
 
     cfg = _resolve_config(DistillStageConfig, config)
     t0 = time.perf_counter()

@@ -38,17 +38,19 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..metrics.classifier import ClassifierConfig
-from ..errors import CalodistillError
+from ...flows.device import resolve_device
 from ..data.geometry import Geometry
-from ..metrics.observables import DEFAULT_THRESHOLD_MEV
 from ..data.showers import Showers
+from ..data.store import PipelineRun, find_pipeline_run
+from ..errors import CalodistillError
+from ..metrics.classifier import ClassifierConfig
+from ..metrics.observables import DEFAULT_THRESHOLD_MEV
+from ..metrics.timing import DEFAULT_TIMING_BATCHES, time_per_shower
 
 __all__ = [
     "evaluate_showers",
@@ -70,7 +72,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REFERENCE_LABEL = "reference"
-DEFAULT_TIMING_BATCHES: tuple[int, ...] = (1, 100, 10_000)
 
 # The CaloChallenge 2022 leaderboard file of each geometry (arXiv:2410.21611, CaloChallenge/homepage).
 _RESULTS_FILES = {
@@ -230,12 +231,6 @@ def _per_bin(values: np.ndarray, energies: np.ndarray, edges: np.ndarray) -> np.
     return np.array([values[idx == k].mean() if np.any(idx == k) else np.nan for k in range(len(edges) - 1)])
 
 
-def _resolve_device(device: str | None) -> "Any":
-    import torch
-
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         return x.detach().cpu().numpy()
@@ -338,7 +333,7 @@ def model_likelihoods(
                    part.incident_energy)
     if teacher is not None and student is not None:
         part = pick(kl_samples)
-        kl = kl_per_shower(student, teacher, part, _resolve_device(device), seed)
+        kl = kl_per_shower(student, teacher, part, resolve_device(device), seed)
         record("kl_student_teacher", kl, part.incident_energy)
     return metrics, per_bin
 
@@ -376,64 +371,6 @@ def kl_per_shower(student: Any, teacher: Any, showers: Showers, device: Any, see
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def time_per_shower(
-    generator: Any,
-    incident_energy: np.ndarray,
-    batch_sizes: tuple[int, ...] = DEFAULT_TIMING_BATCHES,
-    device: str | None = None,
-    max_seconds: float = 60.0,
-    seed: int = 0,
-) -> dict[int, float]:
-    """Wall-clock sampling time per shower (ms) at each batch size, one generator call per size.
-
-    A warm-up call at batch 1 comes first; a size whose expected duration (from the largest batch timed so
-    far, probing ten times larger batches while they fit) exceeds ``max_seconds`` is skipped and absent
-    from the result. CUDA work is synchronised before reading the
-    clock. (The benchmark stage, ``pipeline.bench``, repeats this with statistics and a matmul floor.)
-
-    Args:
-        generator: an object with ``sample(e_inc_mev, batch_size=..., device=...)``.
-        incident_energy: energies (MeV) to draw the conditions from.
-        batch_sizes: showers per call.
-        device: torch device.
-        max_seconds: time budget of one call.
-        seed: seeds the choice of energies and the samples.
-
-    Returns:
-        ``{batch_size: ms per shower}``.
-    """
-    import torch
-
-    dev = _resolve_device(device)
-    rng = np.random.default_rng(seed)
-
-    def call(n: int) -> float:
-        e = rng.choice(np.asarray(incident_energy, dtype=np.float64), n, replace=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            generator.sample(e, batch_size=n, seed=seed, device=str(dev))
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - t0
-
-    out: dict[int, float] = {}
-    measured, per_shower = 1, call(1)
-    for bs in sorted(int(b) for b in batch_sizes):
-        # A linear estimate from a much smaller batch overrates batched models (the per-call overhead
-        # dominates at batch 1): probe ten times larger batches while they fit in the budget.
-        while per_shower * bs > max_seconds and measured * 10 < bs and per_shower * measured * 10 <= max_seconds:
-            measured *= 10
-            per_shower = call(measured) / measured
-        if per_shower * bs > max_seconds:
-            logger.info("timing: batch %d skipped (expected %.0f s > %.0f s budget)", bs, per_shower * bs, max_seconds)
-            continue
-        seconds = call(bs)
-        measured, per_shower = bs, seconds / bs
-        out[bs] = 1e3 * per_shower
-    return out
-
 
 # ------------------------------------------------------------------------------------ published numbers
 def _results_dir() -> Path | None:
@@ -486,128 +423,6 @@ def published_results(geometry_name: str) -> tuple[str, dict[str, dict[str, floa
 
 
 # ------------------------------------------------------------------------------------ pipeline runs
-@dataclass
-class PipelineRun:
-    """Where a finished pipeline run left its outputs (read back from MLflow and the stage markers).
-
-    Attributes:
-        run_id: the parent MLflow run.
-        name: the DAG name.
-        stages: stage name → ``{"kind", "run_id", "stage_dir", "outputs": {name: Path}, "metrics", "tags"}``.
-    """
-
-    run_id: str
-    name: str
-    stages: dict[str, dict[str, Any]]
-
-    def output(self, kind: str, name: str) -> Path | None:
-        """The output ``name`` of the first stage of ``kind`` that has it on this machine, else None."""
-        for info in self.stages.values():
-            path = info["outputs"].get(name) if info["kind"] == kind else None
-            if path is not None and Path(path).exists():
-                return Path(path)
-        return None
-
-    @property
-    def dataset_dir(self) -> Path | None:
-        """The ingested dataset (its ``test`` split is the reference)."""
-        return self.output("ingest", "dataset")
-
-    @property
-    def teacher_dir(self) -> Path | None:
-        return self.output("train_teacher", "model")
-
-    @property
-    def student_dir(self) -> Path | None:
-        return self.output("distill", "model")
-
-    @property
-    def generated(self) -> dict[str, Path]:
-        """Generated shower files by label (the file stem: ``teacher``, ``student``)."""
-        out = {}
-        for info in self.stages.values():
-            path = info["outputs"].get("showers") if info["kind"] == "generate" else None
-            if path is not None and Path(path).is_file():
-                out[Path(path).stem] = Path(path)
-        return out
-
-    def metrics(self, kind: str) -> dict[str, float]:
-        """Final metrics of the first stage of ``kind`` (e.g. ``"evaluate"``)."""
-        return next((dict(i["metrics"]) for i in self.stages.values() if i["kind"] == kind), {})
-
-
-def find_pipeline_run(
-    run_id: str | None = None, tracking_uri: str | None = None, experiment: str = "calodistill"
-) -> PipelineRun:
-    """Locate a finished pipeline run in MLflow: ``run_id``, or the latest finished one that has a
-    teacher and a student.
-
-    Model directories that are not on this machine (a remote run) are downloaded from the MLflow models
-    logged by the run (tags ``teacher_model_uri`` / ``student_model_uri``).
-
-    Args:
-        run_id: the parent run id (None: the latest finished pipeline run with teacher and student).
-        tracking_uri: MLflow tracking URI (default: ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
-        experiment: the MLflow experiment of the pipeline runs.
-    """
-    from mlflow import MlflowClient
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    client = MlflowClient(uri)
-    if run_id is None:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise CalodistillError(f"{uri}: no MLflow experiment {experiment!r}; run a pipeline first")
-        candidates = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                                        order_by=["attributes.start_time DESC"], max_results=200)
-        parents = [r for r in candidates if "mlflow.parentRunId" not in r.data.tags and "calodistill.dag" in r.data.tags]
-        for parent in parents:
-            run = _pipeline_run(client, parent)
-            kinds = {i["kind"] for i in run.stages.values()}
-            if {"train_teacher", "distill"} <= kinds:
-                return run
-        raise CalodistillError(f"{uri}: no finished pipeline run with a teacher and a student in {experiment!r}")
-    try:
-        parent = client.get_run(run_id)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
-        raise CalodistillError(f"{uri}: no MLflow run {run_id!r} ({' '.join(str(exc).split())[:200]})") from exc
-    return _pipeline_run(client, parent)
-
-
-def _pipeline_run(client: Any, parent: Any) -> PipelineRun:
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    stages: dict[str, dict[str, Any]] = {}
-    for child in children:
-        tags = child.data.tags
-        name = tags.get("calodistill.stage", child.info.run_name)
-        stage_dir = Path(tags["calodistill.stage_dir"]) if tags.get("calodistill.stage_dir") else None
-        outputs: dict[str, Path] = {}
-        marker = stage_dir / "_COMPLETE.json" if stage_dir is not None else None
-        if marker is not None and marker.is_file():
-            try:
-                recorded = json.loads(marker.read_text()).get("outputs", {})
-                outputs = {k: Path(v["path"]) for k, v in recorded.items() if isinstance(v, dict) and "path" in v}
-            except (OSError, ValueError):
-                outputs = {}
-        for role in ("teacher", "student"):
-            model_uri = tags.get(f"{role}_model_uri")
-            if model_uri and not (outputs.get("model") and outputs["model"].exists()):
-                outputs["model"] = _download_model_dir(model_uri)
-        stages[name] = {"kind": tags.get("calodistill.kind", ""), "run_id": child.info.run_id,
-                        "stage_dir": stage_dir, "outputs": outputs, "metrics": dict(child.data.metrics), "tags": tags}
-    return PipelineRun(parent.info.run_id, parent.data.tags.get("calodistill.dag", parent.info.run_name), stages)
-
-
-def _download_model_dir(model_uri: str) -> Path:
-    import mlflow
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    found = sorted(p.parent for p in local.rglob("preprocessing.json"))
-    if not found:
-        raise CalodistillError(f"{model_uri}: no model directory (preprocessing.json) in the logged model")
-    return found[0]
-
 
 # ------------------------------------------------------------------------------------------------ history
 def _load_history(model_dir: Path) -> Any | None:
@@ -734,8 +549,12 @@ def evaluate_showers(
     Returns:
         The flat metrics dict also written to ``metrics.json``.
     """
-    from ..metrics.classifier import classifier_two_sample_test, high_level_features, low_level_features
     from ..data.formats import read_showers
+    from ..metrics.classifier import (
+        classifier_two_sample_test,
+        high_level_features,
+        low_level_features,
+    )
     from ..metrics.observables import compute_observables, separation_powers
 
     out_dir = Path(out_dir)
@@ -767,7 +586,7 @@ def evaluate_showers(
             raise CalodistillError(f"{path}: showers hold NaN or infinite values")
         samples[label] = _subsample(showers, max_showers, seed + 1)
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     models: dict[str, Any] = {}
     for name, mdir in (("teacher", teacher_dir), ("student", student_dir)):
         if mdir is not None:

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from ...flows.device import resolve_device
+from ..data.store import resolve_model_dir
 from ..errors import CalodistillError
 
 __all__ = [
@@ -59,8 +61,6 @@ _ENERGY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*
 #: CaloChallenge dataset 1 incident energies: 256 MeV × 2^k, k = 0..14 (256 MeV ... 4.19 TeV).
 LADDER_MEV: tuple[float, ...] = tuple(256.0 * 2.0**k for k in range(15))
 _OUTPUT_SUFFIXES = {".h5", ".hdf5", ".parquet"}
-_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
-
 
 def parse_energy(text: str, where: str = "--energies") -> float:
     """``"50GeV"`` → 50000.0 (MeV); a bare number is MeV. Positive and finite, else CalodistillError."""
@@ -137,61 +137,6 @@ def parse_energy_spec(spec: str) -> EnergySpec:
 
 # ---------------------------------------------------------------------------------------------- models
 
-
-def _is_model_dir(path: Path) -> bool:
-    return (path / "preprocessing.json").is_file() and (path / "flow1.pt").is_file() and (
-        (path / "student.pt").is_file() or (path / "teacher.pt").is_file())
-
-
-def resolve_model_dir(model: str, cache_dir: Path | None = None, tracking_uri: str | None = None) -> Path:
-    """A local model directory for ``model`` (a directory, a logged pyfunc model directory, or an MLflow URI).
-
-    Raises:
-        CalodistillError: ``--model <model>: ...`` when it cannot be found or is not a model.
-    """
-    if _URI_RE.match(model) and not model.startswith("file:"):
-        from ..orchestration.tracking import resolve_tracking_uri
-
-        uri = resolve_tracking_uri(tracking_uri)
-        dst = Path(cache_dir or tempfile.mkdtemp(prefix="calodistill-model-"))
-        try:
-            local = _download_model(model, dst, uri)
-        except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
-            raise CalodistillError(f"--model {model}: cannot load from MLflow ({uri}): "
-                                   f"{' '.join(str(exc).split())[:300]}") from None
-        path = local
-    else:
-        path = Path(model[5:] if model.startswith("file:") else model).expanduser()
-        if not path.exists():
-            raise CalodistillError(f"--model {model}: no such model directory")
-    for candidate in (path, path / "artifacts" / "model_dir", path / "model_dir", path / "model"):
-        if candidate.is_dir() and _is_model_dir(candidate):
-            return candidate
-    raise CalodistillError(f"--model {model}: not a model directory (needs preprocessing.json, flow1.pt and "
-                           "student.pt or teacher.pt)")
-
-
-def _download_model(model: str, dst: Path, uri: str) -> Path:
-    """Download an MLflow model URI using ``uri`` as tracking and registry store (no global state)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    if model.startswith("models:/"):
-        rest = model[len("models:/"):].strip("/")
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias).version
-            location = client.get_model_version_download_uri(name, version)
-        elif "/" in rest:
-            name, version = rest.rsplit("/", 1)
-            if version == "latest":
-                version = str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
-            location = client.get_model_version_download_uri(name, version)
-        else:
-            location = client.get_logged_model(rest).artifact_location
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst)))
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(dst), tracking_uri=uri))
 
 
 def _model_geometry(model_dir: Path, n_voxels: int) -> Any:
@@ -313,7 +258,6 @@ def generate_showers_file(
     Raises:
         CalodistillError: invalid ``n``/energies/batch size, unknown model, unwritable output; nothing is written.
     """
-    import torch
 
     t_start = time.perf_counter()
     out = Path(out)
@@ -337,7 +281,7 @@ def generate_showers_file(
         del gen
         geometry = _model_geometry(model_dir, n_voxels)
         particle = _model_particle(model_dir) or geometry.particle
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = str(resolve_device(device))
         e_inc = spec.sample(int(n), seed=seed)
         n_shards = max(1, math.ceil(n / shard_size))
         out.parent.mkdir(parents=True, exist_ok=True)

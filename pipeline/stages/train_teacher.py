@@ -435,11 +435,12 @@ def train_teacher(
     """
     import torch
 
+    from ...flows.device import resolve_device
     from ...flows.models import build_maf
     from ...flows.preprocessing import CaloFlowPreprocessor
     from ...flows.sampling import ShowerGenerator
     from ...flows.serialization import save_generator_dir
-    from ...flows.training import DiagonalGaussianBaseline, evaluate_nll, resolve_device, train_flow_mle
+    from ...flows.training import DiagonalGaussianBaseline, evaluate_nll, train_flow_mle
 
     cfg = _resolve_config(TeacherTrainConfig, config)
     t0 = time.perf_counter()

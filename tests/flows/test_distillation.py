@@ -14,13 +14,17 @@ from calodistill.flows.distillation import (
     distill,
     distillation_step_loss,
     init_student_from_teacher,
-    student_local_trace,
     paired_max_error,
     sample_nll,
+    student_local_trace,
     student_nll,
 )
 from calodistill.flows.errors import FlowsError, NonFiniteLossError
-from calodistill.flows.losses import distillation_loss, kl_student_teacher, squared_error
+from calodistill.flows.losses import (
+    distillation_loss,
+    kl_student_teacher,
+    squared_error,
+)
 from calodistill.flows.models import IAF, MAF, FlowConfig, build_iaf_like, build_maf
 from calodistill.flows.training import TrainConfig, evaluate_nll
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nflows.transforms.splines.rational_quadratic import unconstrained_rational_quadratic_spline
+from nflows.transforms.splines.rational_quadratic import (
+    unconstrained_rational_quadratic_spline,
+)
 
 from calodistill.flows.errors import FlowsError
-from calodistill.flows.fast import FastIAFSampler, fast_inverse, matmul_floor_shapes, rqs_inverse
+from calodistill.flows.fast import (
+    FastIAFSampler,
+    fast_inverse,
+    matmul_floor_shapes,
+    rqs_inverse,
+)
 from calodistill.flows.models import FlowConfig, build_iaf_like, build_maf
 
 D, C = 7, 3

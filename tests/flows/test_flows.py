@@ -6,8 +6,8 @@ Small D, float64, seeded. Also tests the nflows pieces the flows are built from.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch

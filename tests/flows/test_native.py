@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from nflows.transforms.splines.rational_quadratic import unconstrained_rational_quadratic_spline
+from nflows.transforms.splines.rational_quadratic import (
+    unconstrained_rational_quadratic_spline,
+)
 
 from calodistill.flows import native
 from calodistill.flows.errors import FlowsError

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from calodistill.pipeline.data.dataset import dataset_hash, open_dataset
-from calodistill.pipeline.errors import CalodistillError
 from calodistill.pipeline.data.formats import write_showers
 from calodistill.pipeline.data.ingest import ingest_showers
 from calodistill.pipeline.data.showers import Showers
+from calodistill.pipeline.errors import CalodistillError
 from tests.pipeline.data.test_formats import make_showers
 
 

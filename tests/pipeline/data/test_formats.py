@@ -12,10 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from calodistill.pipeline.errors import CalodistillError
-from calodistill.pipeline.data.formats import ColumnSpec, open_source, read_showers, write_showers
+from calodistill.pipeline.data.formats import (
+    ColumnSpec,
+    open_source,
+    read_showers,
+    write_showers,
+)
 from calodistill.pipeline.data.geometry import get_geometry
 from calodistill.pipeline.data.showers import Showers
+from calodistill.pipeline.errors import CalodistillError
 
 
 def make_showers(geometry: str, n: int, seed: int = 0) -> Showers:

@@ -8,8 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from calodistill.pipeline.data.geometry import (
+    GEOMETRY_NAMES,
+    get_geometry,
+    infer_geometry,
+)
 from calodistill.pipeline.errors import CalodistillError
-from calodistill.pipeline.data.geometry import GEOMETRY_NAMES, get_geometry, infer_geometry
 
 XML = {
     "calochallenge-1-photons": "binning_dataset_1_photons.xml",

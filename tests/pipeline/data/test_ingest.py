@@ -14,9 +14,13 @@ import pytest
 
 from calodistill.pipeline.cli import main
 from calodistill.pipeline.data.dataset import dataset_hash, open_dataset
-from calodistill.pipeline.errors import CalodistillError
 from calodistill.pipeline.data.formats import file_sha256, read_showers, write_showers
-from calodistill.pipeline.data.ingest import bench_ingest, ingest_showers, split_assignment
+from calodistill.pipeline.data.ingest import (
+    bench_ingest,
+    ingest_showers,
+    split_assignment,
+)
+from calodistill.pipeline.errors import CalodistillError
 from tests.pipeline.data.test_formats import make_showers
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from scipy import integrate
 
-from calodistill.pipeline.errors import CalodistillError
 from calodistill.pipeline.data.geometry import get_geometry
 from calodistill.pipeline.data.synth import (
     LADDER_ENERGIES_MEV,
@@ -29,6 +28,7 @@ from calodistill.pipeline.data.synth import (
     run_cli,
     simulate,
 )
+from calodistill.pipeline.errors import CalodistillError
 
 GEOMETRIES = ["calogan", "calochallenge-1-photons", "calochallenge-1-pions", "calochallenge-2"]
 

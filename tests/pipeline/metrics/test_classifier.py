@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
+from calodistill.pipeline.data.geometry import get_geometry
+from calodistill.pipeline.data.showers import Showers
+from calodistill.pipeline.errors import CalodistillError
 from calodistill.pipeline.metrics.classifier import (
     ClassifierConfig,
     classifier_two_sample_test,
@@ -13,9 +15,6 @@ from calodistill.pipeline.metrics.classifier import (
     low_level_features,
     roc_auc,
 )
-from calodistill.pipeline.errors import CalodistillError
-from calodistill.pipeline.data.geometry import get_geometry
-from calodistill.pipeline.data.showers import Showers
 
 FAST = ClassifierConfig(hidden=(32, 32), max_epochs=20, patience=3, batch_size=200)
 

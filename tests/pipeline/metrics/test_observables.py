@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calodistill.pipeline.errors import CalodistillError
 from calodistill.pipeline.data.geometry import get_geometry
+from calodistill.pipeline.data.showers import Showers
+from calodistill.pipeline.errors import CalodistillError
 from calodistill.pipeline.metrics.observables import (
     compute_observables,
     observable_names,
@@ -14,7 +15,6 @@ from calodistill.pipeline.metrics.observables import (
     separation_powers,
     shared_bin_edges,
 )
-from calodistill.pipeline.data.showers import Showers
 
 
 def _calogan_shower(layer_cells: dict[int, dict[tuple[int, int], float]]) -> np.ndarray:

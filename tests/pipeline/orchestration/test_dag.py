@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from calodistill.pipeline.orchestration.dag import FileInput, LiteralInput, StageRef, apply_overrides, load_dag, parse_override
 from calodistill.pipeline.errors import CalodistillError
+from calodistill.pipeline.orchestration.dag import (
+    FileInput,
+    LiteralInput,
+    StageRef,
+    apply_overrides,
+    load_dag,
+    parse_override,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 

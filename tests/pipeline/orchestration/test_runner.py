@@ -14,8 +14,19 @@ import pytest
 import yaml
 
 from calodistill.pipeline.errors import CalodistillError
-from calodistill.pipeline.orchestration.runner import ATTEMPT_MARKER, COMPLETE_MARKER, content_hash, run_pipeline
-from calodistill.pipeline.orchestration.registry import InputSpec, StageContext, StageKind, StageResult, register_stage_kind
+from calodistill.pipeline.orchestration.registry import (
+    InputSpec,
+    StageContext,
+    StageKind,
+    StageResult,
+    register_stage_kind,
+)
+from calodistill.pipeline.orchestration.runner import (
+    ATTEMPT_MARKER,
+    COMPLETE_MARKER,
+    content_hash,
+    run_pipeline,
+)
 
 
 def _log(ctx: StageContext, event: str) -> None:

@@ -13,10 +13,19 @@ from typing import Any
 import pytest
 import yaml
 
-from calodistill.pipeline.orchestration.registry import InputSpec, StageContext, StageKind, StageResult, register_stage_kind
-from calodistill.pipeline.orchestration.tracking import flatten_params, resolve_tracking_uri
+from calodistill.pipeline.data.store import resolve_tracking_uri
+from calodistill.pipeline.orchestration.registry import (
+    InputSpec,
+    StageContext,
+    StageKind,
+    StageResult,
+    register_stage_kind,
+)
+from calodistill.pipeline.orchestration.tracking import flatten_params
+from tests.pipeline.orchestration import (
+    test_runner as fakes,  # registers the fake_* kinds
+)
 from tests.pipeline.stages.test_generate import make_model_dir
-from tests.pipeline.orchestration import test_runner as fakes  # registers the fake_* kinds
 
 
 def fake_student(ctx: StageContext) -> StageResult:
@@ -122,7 +131,6 @@ def test_student_registered_with_alias_and_generate_loads_it(tracked: dict[str, 
 def test_pyfunc_predict_returns_showers(tracked: dict[str, Any]) -> None:
     import mlflow
     import pandas as pd
-
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracked["uri"], registry_uri=tracked["uri"])
@@ -189,8 +197,8 @@ def test_flatten_params() -> None:
 
 
 def test_unknown_registered_model_is_a_clear_error(tracked: dict[str, Any]) -> None:
+    from calodistill.pipeline.data.store import resolve_model_dir
     from calodistill.pipeline.errors import CalodistillError
-    from calodistill.pipeline.stages.generate import resolve_model_dir
 
     with pytest.raises(CalodistillError, match="--model models:/nope@champion: cannot load from MLflow"):
         resolve_model_dir("models:/nope@champion", tracking_uri=tracked["uri"])

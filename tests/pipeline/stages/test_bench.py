@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from calodistill.pipeline.stages import bench
 from calodistill.pipeline.cli import main
 from calodistill.pipeline.errors import CalodistillError
+from calodistill.pipeline.stages import bench
 
 TINY = dict(geometry=None, features=6, context_features=2, teacher_hidden=12, student_hidden=16, n_blocks=2,
             repeats=2, warmup=1, threads=1, train_steps=1, teacher_train_batch=8, student_train_batch=8)

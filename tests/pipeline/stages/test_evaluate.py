@@ -11,8 +11,10 @@ import h5py
 import numpy as np
 import pytest
 
-from calodistill.pipeline.metrics.classifier import ClassifierConfig
 from calodistill.pipeline.cli import main
+from calodistill.pipeline.data.formats import write_showers
+from calodistill.pipeline.data.geometry import Geometry, Layer, get_geometry
+from calodistill.pipeline.data.showers import Showers
 from calodistill.pipeline.errors import CalodistillError
 from calodistill.pipeline.stages.evaluate import (
     check_calochallenge_layout,
@@ -21,9 +23,6 @@ from calodistill.pipeline.stages.evaluate import (
     generated_labels,
     published_results,
 )
-from calodistill.pipeline.data.formats import write_showers
-from calodistill.pipeline.data.geometry import Geometry, Layer, get_geometry
-from calodistill.pipeline.data.showers import Showers
 
 FAST = {"hidden": [32, 32], "max_epochs": 15, "patience": 3, "batch_size": 64, "learning_rate": 3e-3}
 
@@ -194,7 +193,12 @@ def test_energy_bins_and_published_numbers() -> None:
 def _tiny_model_dirs(tmp_path: Path, showers: Showers) -> tuple[Path, Path]:
     import torch
 
-    from calodistill.flows.models import MAF, build_iaf_like, flow1_config, teacher_config
+    from calodistill.flows.models import (
+        MAF,
+        build_iaf_like,
+        flow1_config,
+        teacher_config,
+    )
     from calodistill.flows.preprocessing import CaloFlowPreprocessor
     from calodistill.flows.serialization import save_generator_dir
 

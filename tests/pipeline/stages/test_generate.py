@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from calodistill.pipeline.data.store import resolve_model_dir
 from calodistill.pipeline.errors import CalodistillError
 from calodistill.pipeline.stages.generate import (
     LADDER_MEV,
     generate_showers_file,
     parse_energy,
     parse_energy_spec,
-    resolve_model_dir,
 )
 
 
@@ -22,7 +22,12 @@ def make_model_dir(path: Path, kind: str = "student", seed: int = 0) -> Path:
     """An untrained but complete CaloGAN generator directory (tiny flows): enough to exercise the I/O."""
     import torch
 
-    from calodistill.flows.models import FlowConfig, build_iaf_like, build_maf, flow1_config
+    from calodistill.flows.models import (
+        FlowConfig,
+        build_iaf_like,
+        build_maf,
+        flow1_config,
+    )
     from calodistill.flows.preprocessing import CaloFlowPreprocessor
     from calodistill.flows.serialization import save_generator_dir
 

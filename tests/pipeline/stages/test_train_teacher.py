@@ -11,7 +11,12 @@ import torch
 
 from calodistill.pipeline.cli import main
 from calodistill.pipeline.errors import CalodistillError
-from calodistill.pipeline.stages.train_teacher import TeacherTrainConfig, build_config, load_config_file, parse_set_overrides
+from calodistill.pipeline.stages.train_teacher import (
+    TeacherTrainConfig,
+    build_config,
+    load_config_file,
+    parse_set_overrides,
+)
 
 TINY_TEACHER = [
     "--set", "flow1.model.n_blocks=1", "--set", "flow1.model.hidden_features=8",
