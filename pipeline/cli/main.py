@@ -1,6 +1,6 @@
 """The ``calodistill`` command line.
 
-Each subcommand lives in the module that implements its stage; that module provides
+Each subcommand has a small module of arguments in this package, ``cli/<command>.py``, that provides
 ``configure_parser(parser: argparse.ArgumentParser) -> None`` (arguments, description and example)
 and ``run_cli(args: argparse.Namespace) -> int`` (the exit status). Modules are imported only when
 their subcommand runs, so ``calodistill --help`` stays fast.
@@ -20,14 +20,14 @@ __all__ = ["main", "SUBCOMMANDS"]
 
 # name -> (module, one-line summary shown by `calodistill --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("calodistill.pipeline.orchestration.runner", "run a pipeline DAG (dags/*.yaml) end to end on Dask, tracked in MLflow"),
-    "synth": ("calodistill.pipeline.data.synth", "generate synthetic GFLASH showers on a calorimeter geometry"),
-    "ingest": ("calodistill.pipeline.data.ingest", "ingest HDF5/CSV/Parquet/synthetic showers into a partitioned Parquet dataset"),
-    "train-teacher": ("calodistill.pipeline.stages.train_teacher", "train Flow I and the MAF teacher (Flow II) by maximum likelihood"),
-    "distill": ("calodistill.pipeline.stages.distill", "distil the IAF student from a trained teacher (CaloFlow II)"),
-    "generate": ("calodistill.pipeline.stages.generate", "generate showers with Flow I + the student (HDF5 or Parquet)"),
-    "evaluate": ("calodistill.pipeline.stages.evaluate", "compare generated showers with a reference: NLL, observables, AUC, plots"),
-    "bench": ("calodistill.pipeline.stages.bench", "benchmark teacher vs student sampling, the matmul floor, ingest and training"),
+    "run": ("calodistill.pipeline.cli.run", "run a pipeline DAG (dags/*.yaml) end to end on Dask, tracked in MLflow"),
+    "synth": ("calodistill.pipeline.cli.synth", "generate synthetic GFLASH showers on a calorimeter geometry"),
+    "ingest": ("calodistill.pipeline.cli.ingest", "ingest HDF5/CSV/Parquet/synthetic showers into a partitioned Parquet dataset"),
+    "train-teacher": ("calodistill.pipeline.cli.train_teacher", "train Flow I and the MAF teacher (Flow II) by maximum likelihood"),
+    "distill": ("calodistill.pipeline.cli.distill", "distil the IAF student from a trained teacher (CaloFlow II)"),
+    "generate": ("calodistill.pipeline.cli.generate", "generate showers with Flow I + the student (HDF5 or Parquet)"),
+    "evaluate": ("calodistill.pipeline.cli.evaluate", "compare generated showers with a reference: NLL, observables, AUC, plots"),
+    "bench": ("calodistill.pipeline.cli.bench", "benchmark teacher vs student sampling, the matmul floor, ingest and training"),
 }
 
 

@@ -31,7 +31,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -65,8 +64,6 @@ __all__ = [
     "published_results",
     "PipelineRun",
     "find_pipeline_run",
-    "configure_parser",
-    "run_cli",
 ]
 
 logger = logging.getLogger(__name__)
@@ -790,79 +787,3 @@ def _report(metrics: dict[str, float], details: dict[str, Any], geo: Geometry, l
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``calodistill evaluate``."""
-    parser.description = (
-        "Compare generated showers with a reference the way the CaloChallenge 2022 did: separation powers of\n"
-        "high-level observables, classifier AUCs (low- and high-level) against the reference and a\n"
-        "reference-vs-reference baseline, and with --teacher/--student the likelihoods per incident-energy\n"
-        "bin, KL(student||teacher) and the sampling time per shower. Writes metrics.json, details.json,\n"
-        "plots/ and report.md into --out."
-    )
-    parser.epilog = (
-        "Example:\n"
-        "  calodistill evaluate --reference runs/quickstart/dataset --generated runs/quickstart/student.h5 \\\n"
-        "      --out runs/quickstart/evaluation --teacher runs/quickstart/teacher --student runs/quickstart/student"
-    )
-    parser.add_argument("--reference", required=True, help="dataset directory (its test split is used) or a shower file")
-    parser.add_argument("--generated", nargs="+", default=[], metavar="FILE",
-                        help="generated shower files; the label is the file stem, or give LABEL=FILE")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--teacher", help="teacher model directory (likelihoods, timing)")
-    parser.add_argument("--student", help="student model directory (likelihoods, KL, timing)")
-    parser.add_argument("--geometry", help="geometry name when the files do not say")
-    parser.add_argument("--sample-missing", action=argparse.BooleanOptionalAction, default=True,
-                        help="sample teacher/student showers from --teacher/--student when no file of that label "
-                        "is given (default: yes)")
-    parser.add_argument("--model-samples", type=int, default=10_000, help="showers sampled per model at most")
-    parser.add_argument("--classifier-preset", choices=("cpu", "calochallenge"), default="cpu",
-                        help="cpu: 3x128 network (default); calochallenge: 3x512, lr 2e-4, batch 1000")
-    parser.add_argument("--classifier-epochs", type=int, help="maximum classifier epochs")
-    parser.add_argument("--no-classifier", action="store_true", help="skip the classifier tests")
-    parser.add_argument("--classifier-all-showers", action="store_true",
-                        help="give the classifier every shower of each generated sample (default: the smallest "
-                             "sample's size for all, so their AUCs compare)")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD_MEV, help="sparsity threshold in MeV")
-    parser.add_argument("--max-showers", type=int, default=50_000, help="cap on every sample (seeded subset)")
-    parser.add_argument("--energy-bins", type=int, default=5, help="incident-energy bins of the likelihoods")
-    parser.add_argument("--timing-batches", type=int, nargs="*", default=list(DEFAULT_TIMING_BATCHES),
-                        help="batch sizes of the sampling timing (none: skip)")
-    parser.add_argument("--device", help="torch device (default: cuda when present)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-plots", action="store_true", help="skip the figures")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run ``calodistill evaluate`` and print the headline numbers."""
-    classifier: dict[str, Any] = {"preset": args.classifier_preset}
-    if args.classifier_epochs is not None:
-        classifier["max_epochs"] = args.classifier_epochs
-    if args.max_showers is not None and args.max_showers < 2:
-        raise CalodistillError(f"--max-showers: at least 2 expected, got {args.max_showers}")
-    metrics = evaluate_showers(
-        Path(args.reference),
-        list(args.generated),
-        Path(args.out),
-        teacher_dir=args.teacher,
-        student_dir=args.student,
-        classifier=classifier,
-        run_classifier=not args.no_classifier,
-        threshold=args.threshold,
-        n_energy_bins=args.energy_bins,
-        max_showers=args.max_showers,
-        timing_batch_sizes=tuple(args.timing_batches or ()),
-        sample_missing=args.sample_missing,
-        model_samples=args.model_samples,
-        geometry=args.geometry,
-        device=args.device,
-        seed=args.seed,
-        plots=not args.no_plots,
-        classifier_equal_sizes=not args.classifier_all_showers,
-    )
-    keys = [k for k in metrics if k.startswith(("auc_", "sep_max_", "nll_teacher", "nll_student", "kl_student_teacher"))
-            and "_ebin" not in k]
-    width = max((len(k) for k in keys), default=10)
-    for k in keys:
-        print(f"{k:<{width}}  {metrics[k]:.4f}")
-    print(f"written: {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'report.md'}, {Path(args.out) / 'plots'}/")
-    return 0

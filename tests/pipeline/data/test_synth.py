@@ -19,15 +19,14 @@ from calodistill.pipeline.data.synth import (
     _corner,
     _polar_fractions,
     calorimeter_for,
-    configure_parser,
     generate_chunk,
     generate_showers,
     generate_showers_dask,
     n_chunks,
     parse_synth_source,
-    run_cli,
     simulate,
 )
+from calodistill.pipeline.cli.synth import configure_parser, run_cli
 from calodistill.pipeline.errors import CalodistillError
 
 GEOMETRIES = ["calogan", "calochallenge-1-photons", "calochallenge-1-pions", "calochallenge-2"]
