@@ -28,24 +28,21 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .config import DistillConfig, TrainConfig
 from .device import resolve_device
 from .errors import FlowsError
 from .losses import distillation_loss, kl_student_teacher, squared_error
 from .models import FlowTrace
-from .training import EpochCallback, FitResult, TrainConfig, evaluate_nll, fit
+from .training import EpochCallback, FitResult, evaluate_nll, fit
 
 __all__ = [
-    "DistillConfig",
     "distill",
     "init_student_from_teacher",
     "student_local_trace",
@@ -57,98 +54,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DistillConfig:
-    """Distillation-specific settings (the optimisation ones are a :class:`TrainConfig`).
-
-    Attributes:
-        beta: weight of the x-pass in ``(1 − β)·L_z + β·L_x``.
-        fully_guided: add the squared errors of every intermediate state and MADE output.
-        kl_samples: student samples per KL(student ‖ teacher) estimate (one per validation condition,
-            cycled).
-        kl_batch_size: samples per pass of the KL estimate.
-        kl_seed: seed of the KL estimate's noise (the same every epoch).
-        init_from_teacher: start the student's MADEs from the teacher's weights (when the sizes
-            match; see :func:`init_student_from_teacher`).
-        x_pass: "chain" (CaloFlow II: the student runs its whole inverse pass from the teacher's z) or
-            "local" (default; teacher forcing: every student block gets the teacher's state on its noise
-            side, so each block regresses its own targets independently; see
-            :func:`student_local_trace`). The z-pass always runs the whole chain.
-
-    Defaults measured on 8000 synthetic CaloGAN showers (4-block spline teacher, hidden 64, test NLL
-    −51.7 nats on 100 test showers), 3 epochs × 16 steps of 128, lr 1e-3 one-cycle, one CPU thread
-    (~150 s): KL(student ‖ teacher) 1142 nats from a random start with the chained x-pass (CaloFlow II
-    as written), 360 with the teacher's weights, 76 with the teacher's weights and the local
-    x-pass (student exact NLL 174 vs 15 333).
-        reduction: "sum" (CaloFlow II as written) or "mean" over each squared-error term's elements.
-        params_weight: weight of the MADE-output (spline parameter) terms of the fully guided loss.
-        passes_per_epoch: passes over the training set per epoch (more optimiser steps between the
-            per-epoch validation, KL estimate and checkpoint).
-        noise_weight: weight w of the noise-side x-pass term (local x-pass only): the x-pass loss
-            becomes ``guided_x + w·noise_x`` with ``noise_x`` the squared error of every
-            teacher-forced student block measured after the teacher block's elementwise map (see
-            :func:`local_noise_side_error`), i.e. the data-side error weighted by the teacher's
-            ``∂z/∂x``. 0 turns it off.
-        kl_weight: weight of the z-pass's own Monte-Carlo KL(student ‖ teacher) in the loss (0: off).
-            Both log-densities come with the fast passes the z-pass already runs (the student's
-            ``log q(x_S) = log N(z) − log|det ∂x_S/∂z|``, the teacher's ``log p(x_S)``), so the term is
-            nearly free; it is always reported as ``kl_z``. This is Parallel WaveNet's probability
-            density distillation added to CaloFlow II's squared errors; on the quickstart (settings
-            below, batch 32) it did not help: student NLL −59.3 / −47.5 nats with weight 1 / 4, against
-            −60.7 without it.
-
-    ``noise_weight = 4`` measured on the quickstart (12k synthetic CaloGAN showers, 4-block spline
-    teacher of hidden 64 with test NLL −79.6 nats on the same 50 test showers; 4 epochs × 32 steps of
-    128 on 4096 showers, lr 1e-3 one-cycle, one CPU thread, ~4.5 min): student exact NLL −50.5 nats
-    and KL(student ‖ teacher) 22.3, against −7.3 and 33.3 without the term (w = 1: −43.6 / 23.0;
-    w = 16: −40.7 / 27.6), for ~8 % more time per step. With it, batch 64 / 32 (256 / 512 steps, the
-    same wall time): −57.0 / −60.7 nats, KL 15.5 / 14.0; a student of hidden 128 (warm-started by
-    embedding), centred spline logits in the MADE-output terms, lr 5e-4 or 3e-3: no better.
-
-    The rest is optimiser steps. Batch 32, noise weight 4, one-cycle, same teacher and showers:
-    512 / 1024 / 2048 / 4096 / 8192 steps give student NLL −60.7 / −69.1 / −74.6 / −76.7 / −80.7
-    nats (teacher −79.6 on those 50 showers): the gap about halves with each doubling, and at 8192 the
-    student scores better than its (under-trained) teacher. The cosine schedule does better at equal
-    steps: −64.8 (KL 11.1) at 512, −78.4 (1.5 % from the teacher; −70.50 vs −71.05 on 600 test
-    showers) at 4096, 25 min on one core. No gradient clipping (1024 steps): −66.6 instead of −69.1.
-    """
-
-    beta: float = 0.5
-    fully_guided: bool = True
-    kl_samples: int = 2000
-    kl_batch_size: int = 1000
-    kl_seed: int = 12345
-    init_from_teacher: bool = True
-    x_pass: str = "local"
-    reduction: str = "sum"
-    params_weight: float = 1.0
-    passes_per_epoch: int = 1
-    noise_weight: float = 4.0
-    kl_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.beta <= 1.0:
-            raise FlowsError(f"distill config: beta must be in [0, 1], got {self.beta}")
-        if self.kl_samples < 1 or self.kl_batch_size < 1:
-            raise FlowsError("distill config: kl_samples and kl_batch_size must be >= 1")
-        if self.x_pass not in ("chain", "local"):
-            raise FlowsError(f"distill config: x_pass must be 'chain' or 'local', got {self.x_pass!r}")
-        if self.reduction not in ("sum", "mean"):
-            raise FlowsError(f"distill config: reduction must be 'sum' or 'mean', got {self.reduction!r}")
-        if not (self.params_weight >= 0 and math.isfinite(self.params_weight)):
-            raise FlowsError(f"distill config: params_weight must be >= 0, got {self.params_weight}")
-        if not (self.noise_weight >= 0 and math.isfinite(self.noise_weight)):
-            raise FlowsError(f"distill config: noise_weight must be >= 0, got {self.noise_weight}")
-        if not (self.kl_weight >= 0 and math.isfinite(self.kl_weight)):
-            raise FlowsError(f"distill config: kl_weight must be >= 0, got {self.kl_weight}")
-        if self.passes_per_epoch < 1:
-            raise FlowsError(f"distill config: passes_per_epoch must be >= 1, got {self.passes_per_epoch}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields."""
-        return dataclasses.asdict(self)
 
 
 def distillation_step_loss(
@@ -176,7 +81,7 @@ def distillation_step_loss(
         x: ``(N, D)`` data-side values (preprocessed).
         context: ``(N, C)`` conditions.
         beta, fully_guided, reduction, params_weight: see :func:`flows.losses.distillation_loss`.
-        x_pass: "chain" or "local" (see :class:`DistillConfig`); with "local" the x-pass components
+        x_pass: "chain" or "local" (see :class:`flows.config.DistillConfig`); with "local" the x-pass components
             (``loss_x``, ``guided_x``) are those of the teacher-forced blocks.
         noise_weight: with ``x_pass="local"``, add ``β·noise_weight·noise_x``
             (:func:`local_noise_side_error`) to the loss; ignored by the chained x-pass.
@@ -267,7 +172,7 @@ def init_student_from_teacher(teacher: nn.Module, student: nn.Module) -> bool:
     The student's block k computes its spline parameters from its noise-side state, the teacher's
     from its data-side state; with the teacher's weights the student starts as the exact inverse of
     a teacher whose blocks moved the data little, and close to it otherwise — far closer than from a
-    random initialisation (measured: see :class:`DistillConfig`).
+    random initialisation (measured: docs/experiments.md).
 
     A student whose MADEs are *wider* than the teacher's (same number of hidden layers) is warm-started
     by embedding: every weight matrix gets the teacher's weights in its leading block (the teacher's
@@ -352,7 +257,7 @@ def distill(
             ``flows.models.build_iaf_like(teacher)``.
         x_train, c_train: preprocessed training data and conditions.
         x_val, c_val: validation data and conditions (the KL estimate uses ``c_val``).
-        train_config: optimisation settings (see :class:`TrainConfig`).
+        train_config: optimisation settings (see :class:`flows.config.TrainConfig`).
         config: distillation settings.
         checkpoint_dir: resumable checkpoints of the student (see :func:`flows.training.fit`).
         device, on_epoch_end, progress, desc: as in :func:`flows.training.fit`.

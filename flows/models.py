@@ -20,10 +20,8 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -31,98 +29,11 @@ from nflows.transforms.base import CompositeTransform, InverseTransform
 from nflows.transforms.permutations import Permutation
 from torch import Tensor, nn
 
+from .config import FlowConfig
 from .errors import FlowsError
-from .transforms import ACTIVATIONS, MaskedLinear, make_block
+from .transforms import MaskedLinear, make_block
 
 logger = logging.getLogger(__name__)
-
-KINDS = ("spline", "affine")
-PERMUTATIONS = ("reverse", "random", "none")
-
-
-@dataclass(frozen=True)
-class FlowConfig:
-    """Hyperparameters of one flow (MAF or IAF), stored with its weights.
-
-    Attributes:
-        features: D, the number of variables.
-        context_features: size of the condition vector (0 = unconditional).
-        n_blocks: number of MADE blocks K.
-        hidden_features: width of each MADE hidden layer.
-        n_hidden_layers: hidden layers per MADE.
-        kind: "spline" (rational-quadratic, linear tails) or "affine".
-        num_bins: spline bins.
-        tail_bound: spline interval [−tail_bound, tail_bound].
-        permutation: "reverse", "random" (seeded by ``permutation_seed``) or "none", between blocks.
-        permutation_seed: seed of the random permutations.
-        dropout: dropout probability in the MADE hidden layers.
-        activation: MADE activation ("relu", "elu", "gelu", "tanh", "silu").
-    """
-
-    features: int
-    context_features: int = 0
-    n_blocks: int = 8
-    hidden_features: int = 64
-    n_hidden_layers: int = 1
-    kind: str = "spline"
-    num_bins: int = 8
-    tail_bound: float = 14.0
-    permutation: str = "reverse"
-    permutation_seed: int = 0
-    dropout: float = 0.0
-    activation: str = "relu"
-
-    def __post_init__(self) -> None:
-        for name in ("features", "n_blocks", "hidden_features", "n_hidden_layers", "num_bins"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise FlowsError(f"{name}: must be a positive integer, got {value!r}")
-        if not isinstance(self.context_features, int) or self.context_features < 0:
-            raise FlowsError(f"context_features: must be a non-negative integer, got {self.context_features!r}")
-        if self.kind not in KINDS:
-            raise FlowsError(f"kind: must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.permutation not in PERMUTATIONS:
-            raise FlowsError(f"permutation: must be one of {', '.join(PERMUTATIONS)}, got {self.permutation!r}")
-        if self.activation not in ACTIVATIONS:
-            raise FlowsError(f"activation: must be one of {', '.join(sorted(ACTIVATIONS))}, got {self.activation!r}")
-        if not (isinstance(self.tail_bound, (int, float)) and self.tail_bound > 0):
-            raise FlowsError(f"tail_bound: must be a positive number, got {self.tail_bound!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise FlowsError(f"dropout: must be in [0, 1), got {self.dropout!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "flow config") -> FlowConfig:
-        """Build from a dict, rejecting unknown keys with a message naming the key and ``source``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise FlowsError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(known))})")
-        if "features" not in data:
-            raise FlowsError(f"{source}: missing key 'features'")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> FlowConfig:
-        """A copy with some fields changed (unknown names rejected)."""
-        return FlowConfig.from_dict({**self.to_dict(), **changes}, source="FlowConfig.replace")
-
-
-def flow1_config(n_layers: int, **overrides: Any) -> FlowConfig:
-    """CaloFlow Flow I: layer energies given E_inc; 6 spline blocks, 2 hidden layers of 64, 8 bins."""
-    base = dict(features=n_layers, context_features=1, n_blocks=6, hidden_features=64,
-                n_hidden_layers=2, kind="spline", num_bins=8, tail_bound=14.0, permutation="reverse")
-    return FlowConfig.from_dict({**base, **overrides}, source="flow1 config")
-
-
-def teacher_config(n_voxels: int, n_layers: int, **overrides: Any) -> FlowConfig:
-    """CaloFlow Flow II teacher: voxels given (E_inc, layer energies); 8 blocks, hidden = D, 8 bins."""
-    base = dict(features=n_voxels, context_features=1 + n_layers, n_blocks=8,
-                hidden_features=n_voxels, n_hidden_layers=1, kind="spline", num_bins=8,
-                tail_bound=14.0, permutation="reverse")
-    return FlowConfig.from_dict({**base, **overrides}, source="teacher config")
 
 
 class FlowTrace(NamedTuple):
@@ -139,6 +50,13 @@ class FlowTrace(NamedTuple):
     logabsdet: Tensor
     states: list[Tensor]
     params: list[Tensor]
+
+
+def _sized(cfg: FlowConfig) -> FlowConfig:
+    """``cfg`` if its sizes are known (a flow needs them), else a FlowsError."""
+    if cfg.features is None:
+        raise FlowsError("features: not set (FlowConfig.resolve fills it in from the data)")
+    return cfg
 
 
 def make_permutations(cfg: FlowConfig) -> list[Permutation]:
@@ -291,6 +209,7 @@ class MAF(_ConditionalFlow):
     """
 
     def __init__(self, cfg: FlowConfig, permutations: list[Permutation] | None = None) -> None:
+        cfg = _sized(cfg)
         blocks = [make_block(cfg.kind, False, cfg.features, cfg.hidden_features, cfg.context_features,
                              cfg.n_hidden_layers, cfg.num_bins, cfg.tail_bound, cfg.activation,
                              cfg.dropout) for _ in range(cfg.n_blocks)]
@@ -329,6 +248,7 @@ class IAF(_ConditionalFlow):
     """
 
     def __init__(self, cfg: FlowConfig, permutations: list[Permutation] | None = None) -> None:
+        cfg = _sized(cfg)
         blocks = [InverseTransform(make_block(cfg.kind, True, cfg.features, cfg.hidden_features,
                                               cfg.context_features, cfg.n_hidden_layers, cfg.num_bins,
                                               cfg.tail_bound, cfg.activation, cfg.dropout))

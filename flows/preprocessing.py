@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .config import PreprocessingConfig
 from .errors import FlowsError
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,8 @@ class CaloFlowPreprocessor:
 
     Args:
         layer_sizes: voxels per layer, in voxel order.
-        alpha: α of the logit.
-        noise_level: upper edge of the uniform noise added to each voxel (MeV); 0 disables it.
-        voxel_threshold: generated voxels below this (MeV) are set to 0 by the inverse.
+        alpha, noise_level, voxel_threshold: the fields of :class:`flows.config.PreprocessingConfig`,
+            checked by it.
 
     References:
         Krause & Shih, CaloFlow, arXiv:2106.05285, section 3.
@@ -101,14 +101,11 @@ class CaloFlowPreprocessor:
         sizes = [int(s) for s in layer_sizes]
         if not sizes or any(s < 1 for s in sizes):
             raise FlowsError(f"layer_sizes: need positive sizes, got {layer_sizes!r}")
-        if not 0.0 < alpha < 0.5:
-            raise FlowsError(f"alpha: must be in (0, 0.5), got {alpha}")
-        if noise_level < 0 or voxel_threshold < 0:
-            raise FlowsError("noise_level/voxel_threshold: must be non-negative")
+        cfg = PreprocessingConfig(alpha=alpha, noise_level=noise_level, voxel_threshold=voxel_threshold)
         self.layer_sizes = sizes
-        self.alpha = float(alpha)
-        self.noise_level = float(noise_level)
-        self.voxel_threshold = float(voxel_threshold)
+        self.alpha = float(cfg.alpha)
+        self.noise_level = float(cfg.noise_level)
+        self.voxel_threshold = float(cfg.voxel_threshold)
         self.fitted = False
         self.energy_ratio_scale = 1.0
         self.cond_mean = [0.0] * (1 + len(sizes))

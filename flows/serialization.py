@@ -1,7 +1,7 @@
 """Saving and loading flows and whole generators (preprocessing + Flow I + Flow II).
 
 A flow file is one ``torch.save`` of a plain dict — format tag, model name ("MAF" or "IAF"), the
-:class:`~flows.models.FlowConfig` as a dict, and the ``state_dict`` — read back with
+:class:`~flows.config.FlowConfig` as a dict, and the ``state_dict`` — read back with
 ``torch.load(weights_only=True)``: no pickled code. Writes are atomic (temporary file + ``os.replace``).
 
 A generator directory holds ``preprocessing.json``, ``flow1.pt`` and ``teacher.pt`` and/or
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import FlowConfig
 from .errors import FlowsError
-from .models import IAF, MAF, FlowConfig, build_flow
+from .models import IAF, MAF, build_flow
 from .preprocessing import CaloFlowPreprocessor
 from .sampling import ShowerGenerator
 

@@ -1,34 +1,23 @@
 """A generic, resumable training loop, and maximum-likelihood training of flows on top of it.
 
-:func:`fit` trains any ``torch.nn.Module`` on in-memory tensors with a loss function you pass:
-Adam, a learning-rate schedule (one-cycle, cosine, step or constant), seeded mini-batches, gradient
-clipping, a validation metric each epoch that selects the best weights, early stopping, CUDA when
-present, a per-epoch progress bar, and checkpoints written atomically after every epoch so that an
-interrupted run continues where it stopped and ends bit-for-bit where an uninterrupted run ends.
-A NaN or inf loss stops the run with :class:`flows.errors.NonFiniteLossError`; the checkpoints of the
-last good epoch stay on disk.
-
-Checkpoint directory layout (all files load with ``torch.load(weights_only=True)``)::
-
-    last.pt   model, optimizer, scheduler, epoch, best metric, history, RNG states (torch/numpy/python/cuda)
-    best.pt   the model weights of the best epoch so far
-
-:func:`train_flow_mle` is the teacher's (and Flow I's) trainer: negative log-likelihood in nats per
-example, reported per example and per dimension. :class:`DiagonalGaussianBaseline` is the reference
-density every flow should beat.
+:func:`fit` trains any module on in-memory tensors with a loss you pass (Adam, a learning-rate
+schedule, seeded mini-batches, gradient clipping, best-epoch selection, early stopping). After every
+epoch it writes, atomically, ``last.pt`` (everything needed to resume: an interrupted run ends
+bit-for-bit where an uninterrupted one ends) and ``best.pt`` (the best weights so far); a NaN or inf
+loss stops it with :class:`flows.errors.NonFiniteLossError` and leaves them as they were.
+:func:`train_flow_mle` is the teacher's (and Flow I's) trainer; :class:`DiagonalGaussianBaseline` is
+the density every flow should beat.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -36,86 +25,33 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from .checkpoints import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    rng_state,
+    seed_all,
+    set_rng_state,
+)
+from .config import TrainConfig
 from .device import resolve_device
 from .errors import FlowsError, NonFiniteLossError
 from .losses import nll_loss
 from .serialization import atomic_torch_save
 
 __all__ = [
-    "TrainConfig",
     "FitResult",
     "fit",
     "train_flow_mle",
     "evaluate_nll",
     "DiagonalGaussianBaseline",
     "LossFn",
-    "SCHEDULES",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCHEDULES = ("onecycle", "cosine", "step", "constant")
-CHECKPOINT_FORMAT = 1
-
 LossOutput = Tensor | tuple[Tensor, dict[str, Tensor]]
 LossFn = Callable[[nn.Module, tuple[Tensor, ...]], LossOutput]
 """``loss_fn(model, batch) -> loss`` or ``(loss, components)``; ``batch`` is a tuple of tensors on the device."""
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one training run.
-
-    Attributes:
-        epochs: maximum number of epochs.
-        batch_size: examples per optimisation step.
-        lr: peak (one-cycle) or initial learning rate of Adam.
-        weight_decay: Adam's L2 penalty.
-        schedule: "onecycle", "cosine" (to 0 over the run), "step" (× ``step_gamma`` every
-            ``step_epochs`` epochs) or "constant".
-        step_epochs: epochs between decays of the "step" schedule.
-        step_gamma: decay factor of the "step" schedule.
-        patience: stop after this many epochs without improvement of the monitored metric (0: never).
-        min_delta: an improvement must exceed this.
-        grad_clip: clip the global gradient norm to this (0: no clipping).
-        seed: seeds the torch/numpy/python RNGs at the start and the batch order of every epoch.
-        eval_batch_size: batch size of validation passes.
-    """
-
-    epochs: int = 50
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "onecycle"
-    step_epochs: int = 10
-    step_gamma: float = 0.5
-    patience: int = 10
-    min_delta: float = 0.0
-    grad_clip: float = 5.0
-    seed: int = 0
-    eval_batch_size: int = 2048
-
-    def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
-        """Raise :class:`FlowsError` naming the first invalid field."""
-        if self.epochs < 1:
-            raise FlowsError(f"train config: epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise FlowsError("train config: batch_size and eval_batch_size must be >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FlowsError(f"train config: lr must be a positive number, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise FlowsError(f"train config: schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.step_epochs < 1:
-            raise FlowsError(f"train config: step_epochs must be >= 1, got {self.step_epochs}")
-        if self.patience < 0 or self.grad_clip < 0 or self.weight_decay < 0 or self.min_delta < 0:
-            raise FlowsError("train config: patience, grad_clip, weight_decay and min_delta must be >= 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields."""
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -137,59 +73,6 @@ class FitResult:
     stopped_early: bool
     resumed_from: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------------
-# checkpoints and RNG state (stored as tensors and plain types, so weights_only loading works)
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or foreign file
-        raise FlowsError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-
-
-def _get_rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "python": {"version": int(py_version), "state": [int(v) for v in py_state], "gauss": py_gauss},
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    npst = state["numpy"]
-    np.random.set_state(
-        (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
-    )
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    if state["cuda"] and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except Exception:  # different number of GPUs: keep the seeded state
-            logger.warning("checkpoint: could not restore the CUDA RNG state (different devices)")
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------------
 
 
 def _make_scheduler(
@@ -307,7 +190,6 @@ def fit(
             ``best.pt`` of the last completed epoch are left untouched.
         FlowsError: a checkpoint from a different configuration, or unreadable.
     """
-    config.check()
     dev = resolve_device(device)
     train_tensors = _as_tensors(train_data, "train data")
     if validate is None and val_data is not None:
@@ -338,7 +220,7 @@ def fit(
     best_state: dict[str, Tensor] | None = None
 
     if last_path is not None and last_path.exists():
-        ckpt = _load_checkpoint(last_path)
+        ckpt = load_checkpoint(last_path)
         saved_cfg = ckpt.get("config", {})
         diff = sorted(k for k, v in config.to_dict().items() if saved_cfg.get(k) != v)
         if diff:
@@ -358,10 +240,10 @@ def fit(
         bad_epochs = int(ckpt["bad_epochs"])
         stopped_early = bool(ckpt["stopped_early"])
         history = [dict(h) for h in ckpt["history"]]
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         logger.info("%s: resuming from %s after epoch %d", desc, last_path, start_epoch)
     else:
-        _seed_all(config.seed)
+        seed_all(config.seed)
     resumed_from = start_epoch
 
     dataset = TensorDataset(*train_tensors)
@@ -451,7 +333,7 @@ def fit(
                     "bad_epochs": bad_epochs,
                     "stopped_early": stopped_early,
                     "history": history,
-                    "rng": _get_rng_state(),
+                    "rng": rng_state(),
                 },
                 last_path,
             )
@@ -469,7 +351,7 @@ def fit(
 
     # restore the best weights
     if best_state is None and best_path is not None and best_path.exists():
-        best_state = _load_checkpoint(best_path)["model"]
+        best_state = load_checkpoint(best_path)["model"]
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

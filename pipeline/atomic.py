@@ -1,45 +1,130 @@
 """Atomic file writes: a temporary file beside the target, renamed over it only when complete.
 
-A reader (or a rerun after a crash) therefore sees either the old file or the whole new one, never a
-half-written file.
+A reader (or a rerun after a crash) sees either the old file or the whole new one, never a half-written
+file; the new file gets the mode a plain ``open(path, "w")`` would give (0o666 minus the umask).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_text", "atomic_write_json", "current_umask"]
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: ``/proc/self/status``).
+
+    ``os.umask`` can only be read by setting it, which would briefly change it for every thread.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends cleanly, publish it as ``path``.
+
+    The caller writes the whole file to the yielded path (any writer that takes a file name: h5py,
+    pyarrow, ``savefig``). On success the file is synced, given mode ``0o666 & ~umask`` (``mkstemp``
+    creates it 0600) and renamed over ``path``; on an exception it is removed and ``path`` is untouched.
+    The temporary name ends in ``.tmp``: pass the format explicitly to writers that guess it from the
+    extension.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], tag: str = "tmp") -> Iterator[Path]:
+    """Yield a new empty directory beside ``path``; when the block ends cleanly, publish it as ``path``.
+
+    For outputs that are a tree of files (a dataset, a report). The directory is renamed into place; an
+    existing ``path`` is first moved aside and removed afterwards, so a reader sees the old tree or the
+    whole new one. On an exception the temporary directory is removed and ``path`` is untouched. Refusing
+    to replace something is the caller's check, done inside the block.
+
+    Args:
+        path: the directory to create or replace.
+        tag: part of the temporary name (``.<name>.<tag>-<random>``), to tell who left it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # honours the umask (tempfile.mkdtemp would make it 0700)
+    try:
+        yield tmp
+        if not path.exists():
+            try:
+                os.rename(tmp, path)
+                return
+            except OSError:
+                if not path.exists():
+                    raise
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (fsync, then ``os.replace``); returns the path."""
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
-def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """``json.dump`` (indented, sorted keys; numpy scalars and paths as numbers/strings) atomically."""
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+def atomic_write_json(
+    path: str | os.PathLike[str], data: Any, *, sort_keys: bool = True, allow_nan: bool = True
+) -> Path:
+    """``json.dump`` (indented; numpy scalars and paths as numbers/strings) atomically; returns the path.
+
+    Args:
+        path: the target file.
+        data: what to write.
+        sort_keys: sort the keys of every object (False keeps insertion order).
+        allow_nan: False raises ``ValueError`` on NaN/infinity instead of writing non-standard JSON.
+    """
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, allow_nan=allow_nan, default=_json_default)
+    return atomic_write_text(path, text + "\n")
 
 
 def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist"):  # numpy / torch arrays and scalars (a scalar's tolist is a number)
         return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
     return str(obj)

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.formats import write_showers
 from ..data.geometry import GEOMETRY_NAMES
-from ..data.synth import _OUT_SUFFIXES, PARTICLES, SPECTRA, SynthSpec, generate_showers
+from ..data.gflash import PARTICLES
+from ..data.synth import SPECTRA, SynthSpec, generate_showers
 from ..errors import CalodistillError
 
 __all__ = ["configure_parser", "run_cli"]
+
+_OUT_SUFFIXES = (".h5", ".hdf5", ".parquet")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +50,6 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CalodistillError(f"{out}: directory {out.parent} does not exist")
     spec = SynthSpec(args.geometry, args.n, seed=args.seed, particle=args.particle, spectrum=args.spectrum,
                      chunk_size=args.chunk_size, energy=args.energy, impact_spread_mm=args.impact_spread)
-    from ..data.formats import write_showers
-
     t0 = time.perf_counter()
     showers = generate_showers(spec, progress=True)
     elapsed = time.perf_counter() - t0

@@ -7,35 +7,30 @@ import argparse
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
-from ..stages.train_teacher import (
-    T,
-    TeacherTrainConfig,
-    build_config,
-    load_config_file,
-    parse_set_overrides,
-    train_teacher,
-)
+from ..config import build_config, load_config_file, set_sources
+from ..stages.train_teacher import TeacherTrainConfig, train_teacher
 
 __all__ = ["configure_parser", "run_cli"]
+
+T = TypeVar("T")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config FILE``, ``--set key=value`` (repeatable), ``--device``, ``--quiet``."""
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML or JSON file of settings (nested or dotted keys)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set teacher.train.epochs=5 (repeatable)")
+                        help="override one setting, value parsed as YAML, e.g. --set teacher.train.lr=1e-3 (repeatable)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: CUDA when present")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """The typed config from ``--config`` then ``--set`` (then ``--quiet``)."""
+    """The typed config: defaults < ``--config FILE`` < ``--quiet`` < each ``--set KEY=VALUE``."""
     file_data = load_config_file(args.config) if args.config else None
-    overrides = parse_set_overrides(args.overrides)
-    if getattr(args, "quiet", False):
-        overrides.setdefault("progress", False)
-    return build_config(cls, (file_data, str(args.config)), (overrides, "--set"))
+    quiet = {"progress": False} if getattr(args, "quiet", False) else None
+    return build_config(cls, (file_data, str(args.config)), (quiet, "--quiet"), *set_sources(args.overrides))
 
 
 def print_metrics(title: str, metrics: Mapping[str, float], keys: Sequence[str]) -> None:

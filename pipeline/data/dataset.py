@@ -1,4 +1,4 @@
-"""Reading an ingested shower dataset (the Parquet layout written by :mod:`pipeline.ingest`).
+"""Reading an ingested shower dataset (the Parquet layout written by :mod:`.ingest`, docs/data.md).
 
 ``open_dataset(path)`` checks that ``path`` is a calodistill dataset (its ``_calodistill.json`` and the
 files it lists) and returns a :class:`ShowerDataset`. Loading goes through ``pyarrow.dataset`` with a
@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import CalodistillError
-from .formats import list_column_to_numpy
+from .tables import list_column_to_numpy
 from .geometry import Geometry, get_geometry
 from .showers import Showers
 
@@ -80,7 +80,7 @@ class ShowerDataset:
     Attributes:
         path: the dataset directory.
         metadata: the parsed ``_calodistill.json`` (geometry, units, sources with sha256, counts, split seed).
-        geometry: the dataset's :class:`pipeline.geometry.Geometry`.
+        geometry: the dataset's :class:`~.geometry.Geometry`.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

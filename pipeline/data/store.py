@@ -1,9 +1,9 @@
 """The MLflow store, read side: the tracking URI, model URIs resolved to local model directories, and
 finished pipeline runs found again.
 
-The stages, the notebooks and the command line resolve ``models:/NAME@ALIAS`` (and ``runs:/``, logged
-model ids, local directories) here and nowhere else. Writing to the store (runs, metrics, models) is
-:mod:`calodistill.pipeline.orchestration.tracking`'s job.
+``models:/NAME@ALIAS`` (and ``runs:/``, logged model ids, local directories) is resolved here and
+nowhere else; :class:`~calodistill.pipeline.data.bundle.ModelBundle` opens what it finds. Writing to the
+store (runs, metrics, models) is :mod:`calodistill.pipeline.orchestration.tracking`'s job.
 """
 
 from __future__ import annotations
@@ -46,17 +46,30 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
 
-def is_model_dir(path: Path) -> bool:
-    """Whether ``path`` holds a model: preprocessing, Flow I and a teacher or student."""
-    return (path / "preprocessing.json").is_file() and (path / "flow1.pt").is_file() and (
-        (path / "student.pt").is_file() or (path / "teacher.pt").is_file())
+def is_model_dir(path: Path, flow2_only: bool = False) -> bool:
+    """Whether ``path`` holds a model: preprocessing, Flow I and a teacher or student.
+
+    With ``flow2_only``, a teacher or student flow file alone is enough (the benchmark times Flow II only).
+    """
+    flow2 = (path / "student.pt").is_file() or (path / "teacher.pt").is_file()
+    if flow2_only:
+        return flow2
+    return (path / "preprocessing.json").is_file() and (path / "flow1.pt").is_file() and flow2
 
 
-def resolve_model_dir(model: str, cache_dir: Path | None = None, tracking_uri: str | None = None) -> Path:
+def resolve_model_dir(model: str, cache_dir: Path | None = None, tracking_uri: str | None = None,
+                      flow2_only: bool = False, label: str = "--model") -> Path:
     """A local model directory for ``model`` (a directory, a logged pyfunc model directory, or an MLflow URI).
 
+    Args:
+        model: a directory, ``file:`` path or MLflow model URI (``models:/NAME@ALIAS``, ``runs:/...``).
+        cache_dir: where a URI's model is downloaded (default: a new temporary directory).
+        tracking_uri: MLflow tracking and registry URI (see :func:`resolve_tracking_uri`).
+        flow2_only: accept a directory holding only ``teacher.pt`` and/or ``student.pt``.
+        label: how errors name the model (the command-line option it came from).
+
     Raises:
-        CalodistillError: ``--model <model>: ...`` when it cannot be found or is not a model.
+        CalodistillError: ``<label> <model>: ...`` when it cannot be found or is not a model.
     """
     if _URI_RE.match(model) and not model.startswith("file:"):
         uri = resolve_tracking_uri(tracking_uri)
@@ -64,17 +77,20 @@ def resolve_model_dir(model: str, cache_dir: Path | None = None, tracking_uri: s
         try:
             local = _download_model(model, dst, uri)
         except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
-            raise CalodistillError(f"--model {model}: cannot load from MLflow ({uri}): "
+            raise CalodistillError(f"{label} {model}: cannot load from MLflow ({uri}): "
                                    f"{' '.join(str(exc).split())[:300]}") from None
         path = local
     else:
         path = Path(model[5:] if model.startswith("file:") else model).expanduser()
         if not path.exists():
-            raise CalodistillError(f"--model {model}: no such model directory")
-    for candidate in (path, path / "artifacts" / "model_dir", path / "model_dir", path / "model"):
-        if candidate.is_dir() and is_model_dir(candidate):
+            raise CalodistillError(f"{label} {model}: no such model directory")
+    logged = sorted(p for p in (path / "artifacts").glob("*") if p.name != "model_dir") if path.is_dir() else []
+    for candidate in (path, path / "artifacts" / "model_dir", path / "model_dir", path / "model", *logged):
+        if candidate.is_dir() and is_model_dir(candidate, flow2_only):
             return candidate
-    raise CalodistillError(f"--model {model}: not a model directory (needs preprocessing.json, flow1.pt and "
+    if flow2_only:
+        raise CalodistillError(f"{label} {model}: no teacher.pt or student.pt found")
+    raise CalodistillError(f"{label} {model}: not a model directory (needs preprocessing.json, flow1.pt and "
                            "student.pt or teacher.pt)")
 
 

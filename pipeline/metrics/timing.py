@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ...flows.device import resolve_device, synchronize
+from ..data.bundle import ModelBundle
 
 __all__ = ["DEFAULT_TIMING_BATCHES", "time_calls", "time_per_shower", "time_sampling", "timed_call"]
 
@@ -72,17 +73,15 @@ def time_sampling(
     Times Flow I + Flow II + the inverse preprocessing (what a user of ``generate`` waits for).
 
     Args:
-        model_dir: a teacher or student model directory (``flows.serialization.load_generator``).
+        model_dir: a teacher or student model directory (opened as a :class:`ModelBundle`).
         batch: showers per timed call.
         device: torch device (default: CUDA when present, else CPU).
         repeats: timed calls.
         seed: energies and sampling seed.
         energy_range_mev: incident-energy range.
     """
-    from ...flows.serialization import load_generator
-
     dev = resolve_device(device)
-    gen = load_generator(Path(model_dir))
+    gen = ModelBundle.open(model_dir).generator(dev)
     rng = np.random.default_rng(seed)
     lo, hi = np.log(energy_range_mev[0]), np.log(energy_range_mev[1])
     energies = np.exp(rng.uniform(lo, hi, size=batch))

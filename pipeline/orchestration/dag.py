@@ -1,36 +1,19 @@
 """Pipeline DAGs as data: parse and validate ``dags/*.yaml`` into typed objects.
 
-A DAG file names a pipeline and its stages. Each stage has a ``kind`` (a registered stage function, see
-:mod:`pipeline.stages`), named ``inputs`` (other stages' outputs, files, or literal URIs such as
-``synth:calogan?n=1000``), named ``outputs`` (paths inside the stage's directory of the run) and
-``params`` (passed to the stage function)::
-
-    name: quickstart
-    tracking: {experiment: calodistill, registered_model: calodistill-quickstart-student, alias: champion}
-    cluster: {n_workers: 1, threads_per_worker: 2}
-    stages:
-      ingest:
-        kind: ingest
-        inputs: {sources: ["synth:calogan?n=20000&seed=1"]}
-        outputs: [dataset]
-        params: {geometry: calogan}
-      train_teacher:
-        kind: train_teacher
-        inputs: {data: ingest.dataset}
-        outputs: [model]
-        params: {epochs: 5}
-
-An input value is a reference ``STAGE.OUTPUT`` when ``STAGE`` is a stage of the DAG, a literal when it
-has a URI scheme other than ``file:`` (``synth:...``), and otherwise a file path (``file:`` prefix
-optional), relative to the working directory, that must exist.
+A DAG file (dags/quickstart.yaml is one) names a pipeline, its ``tracking`` and ``cluster`` settings
+and its stages. Each stage has a ``kind`` (a registered stage function), named ``inputs`` (another
+stage's output ``STAGE.OUTPUT``, a URI such as ``synth:calogan?n=1000``, or an existing file, relative to
+the working directory), named ``outputs`` (paths inside the stage's directory of the run) and ``params``
+(passed to the stage function).
 
 Everything is checked on load: unknown keys at every level, unknown stage kinds, unknown or missing
-inputs, references to undeclared outputs, missing files, cycles. Errors are
-:class:`~pipeline.errors.CalodistillError` with a one-line message naming the file, the stage and the key.
+inputs, references to undeclared outputs, missing files, cycles, and each stage's params against its
+typed config. Errors are :class:`~pipeline.errors.CalodistillError` with a one-line message naming the
+file (or the ``--set`` to blame), the stage and the key.
 
 ``--set stage.key=value`` overrides (:func:`apply_overrides`) set ``params.key`` (dotted keys reach into
-nested mappings; ``stage.params.key``, ``stage.inputs.name``, ``stage.gpu`` and ``stage.resources`` are
-spelled out); the value is parsed as YAML, so ``3`` is an int, ``1e-3`` a float, ``[a, b]`` a list.
+nested mappings; ``stage.inputs.name``, ``stage.gpu`` and ``stage.resources`` are spelled out); the
+value is parsed as YAML by :mod:`pipeline.config`: ``3`` is an int, ``1e-3`` a float, ``[a, b]`` a list.
 """
 
 from __future__ import annotations
@@ -42,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..config import build_config, load_yaml, parse_set
 from ..errors import CalodistillError
 
 __all__ = [
@@ -62,13 +44,10 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 _TOP_KEYS = {"name", "description", "tracking", "cluster", "stages"}
 _STAGE_KEYS = {"kind", "description", "inputs", "outputs", "params", "gpu", "resources"}
-_TRACKING_KEYS = {"experiment", "registered_model", "alias", "system_metrics_interval"}
-_CLUSTER_KEYS = {"n_workers", "threads_per_worker", "memory_limit", "processes"}
 
 
 @dataclass(frozen=True)
@@ -223,19 +202,28 @@ def parse_override(text: str) -> tuple[str, list[str], Any]:
     Raises:
         CalodistillError: when the text has no ``=`` or no ``stage.key`` part.
     """
-    if "=" not in text:
-        raise CalodistillError(f"--set {text}: expected STAGE.KEY=VALUE")
-    lhs, rhs = text.split("=", 1)
-    parts = [p for p in lhs.strip().split(".")]
-    if len(parts) < 2 or not all(parts):
+    lhs, value = parse_set(text, form="STAGE.KEY=VALUE")
+    parts = lhs.split(".")
+    if len(parts) < 2:
         raise CalodistillError(f"--set {text}: expected STAGE.KEY=VALUE (e.g. train_teacher.epochs=3)")
-    try:
-        value = yaml.safe_load(rhs) if rhs.strip() else ""
-    except yaml.YAMLError as exc:
-        raise CalodistillError(f"--set {text}: value is not valid YAML ({' '.join(str(exc).split())})") from exc
-    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-        value = float(value)  # YAML 1.1 reads "1e-3" as a string; users mean a number
     return parts[0], parts[1:], value
+
+
+def _stage_path(keys: list[str]) -> list[str]:
+    """Keys inside a stage: ``key`` means ``params.key`` unless it is a stage key (``inputs``, ``gpu``…)."""
+    return keys if keys[0] in _STAGE_KEYS else ["params", *keys]
+
+
+def _put(node: dict[str, Any], keys: list[str], value: Any, error: str) -> None:
+    """``node[k0][k1]… = value``, creating mappings on the way; ``error`` (with the path) if one is not."""
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise CalodistillError(f"{error}: {'.'.join(keys[: depth + 1])} is not a mapping")
+        node = child
+    node[keys[-1]] = value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str], source: str) -> dict[str, Any]:
@@ -254,21 +242,40 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str], source: str) 
         if not isinstance(stages, dict) or stage not in stages:
             known = ", ".join(stages) if isinstance(stages, dict) else ""
             raise CalodistillError(f"{source}: --set {text}: unknown stage {stage!r} (stages: {known})")
-        node = stages[stage]
-        if node is None:
-            node = stages[stage] = {}
-        if keys[0] not in _STAGE_KEYS:
-            keys = ["params", *keys]
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                where = ".".join(keys[: depth + 1])
-                raise CalodistillError(f"{source}: --set {text}: stage {stage!r}: {where} is not a mapping")
-            node = child
-        node[keys[-1]] = value
+        if stages[stage] is None:
+            stages[stage] = {}
+        _put(stages[stage], _stage_path(keys), value, f"{source}: --set {text}: stage {stage!r}")
     return data
+
+
+def _params_problem(kind: Any, params: dict[str, Any]) -> str | None:
+    """What is wrong with a stage's params (one line), or None."""
+    if kind.params is not None:
+        for key in params:
+            if key not in kind.params:
+                return f"params: unknown key {key!r} for kind {kind.name!r} (allowed: {', '.join(sorted(kind.params))})"
+    if kind.validate_params is not None:
+        try:
+            kind.validate_params(params)
+        except CalodistillError as exc:
+            return " ".join(str(exc).split())
+    return None
+
+
+def _check_params(kind: Any, params: dict[str, Any], source: str, where: str,
+                  file_params: dict[str, Any] | None, param_sets: Sequence[tuple[str, list[str], Any]]) -> None:
+    """Validate a stage's params; blame the ``--set`` that made valid params from the file invalid."""
+    problem = _params_problem(kind, params)
+    if problem is None:
+        return
+    if param_sets and _params_problem(kind, file_params or {}) is None:
+        current = copy.deepcopy(file_params or {})
+        for text, keys, value in param_sets:
+            _put(current, keys, value, f"{source}: --set {text}: {where}: params")
+            found = _params_problem(kind, current)
+            if found is not None:
+                raise CalodistillError(f"{source}: --set {text}: {where}: {found}")
+    raise _fail(source, where, problem)
 
 
 def _parse_input_value(
@@ -295,7 +302,8 @@ def _parse_input_value(
 
 
 def _parse_stage(
-    name: str, data: Any, stage_names: set[str], source: str, base_dir: Path
+    name: str, data: Any, stage_names: set[str], source: str, base_dir: Path,
+    file_params: dict[str, Any] | None = None, param_sets: Sequence[tuple[str, list[str], Any]] = (),
 ) -> StageSpec:
     from .registry import get_stage_kind, stage_kind_names
 
@@ -365,16 +373,7 @@ def _parse_stage(
             raise _fail(source, where, f"outputs: missing output {out!r} produced by kind {kind.name!r}")
 
     params = _as_mapping(data.get("params"), source, f"{where}: params")
-    if kind.params is not None:
-        for key in params:
-            if key not in kind.params:
-                raise _fail(source, where, f"params: unknown key {key!r} for kind {kind.name!r} "
-                            f"(allowed: {', '.join(sorted(kind.params))})")
-    if kind.validate_params is not None:
-        try:
-            kind.validate_params(params)
-        except CalodistillError as exc:
-            raise _fail(source, where, " ".join(str(exc).split())) from None
+    _check_params(kind, params, source, where, file_params, param_sets)
 
     gpu = data.get("gpu", False)
     if not isinstance(gpu, bool):
@@ -417,51 +416,44 @@ def _topological_order(stages: Mapping[str, StageSpec], source: str) -> list[str
     return order
 
 
-def _parse_typed(cls: type, data: Mapping[str, Any], allowed: set[str], source: str, where: str) -> Any:
-    _check_keys(data, allowed, source, where)
-    defaults = cls()
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        default = getattr(defaults, key)
-        expected = type(default) if default is not None else str
-        if value is None and default is None:
-            kwargs[key] = None
-            continue
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise _fail(source, f"{where}.{key}", f"expected {expected.__name__}, got {value!r}")
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def parse_dag(raw: Any, source: str | Path, base_dir: Path | None = None) -> DagSpec:
+def parse_dag(raw: Any, source: str | Path, base_dir: Path | None = None, overrides: Sequence[str] = ()) -> DagSpec:
     """Validate parsed YAML (a mapping) into a :class:`DagSpec`.
 
     Args:
-        raw: the YAML document (after overrides).
+        raw: the YAML document.
         source: file name used in error messages.
         base_dir: directory relative file inputs are resolved against (default: the working directory).
+        overrides: ``stage.key=value`` strings (``--set``) applied to ``raw`` first.
 
     Raises:
-        CalodistillError: naming the file, the stage and the key of the first problem found.
+        CalodistillError: naming the file (or the ``--set``), the stage and the key of the first problem found.
     """
     src = str(source)
     base = Path.cwd() if base_dir is None else base_dir
-    data = _as_mapping(raw, src, "")
+    file_data = _as_mapping(raw, src, "")
+    data = apply_overrides(file_data, overrides, src)
+    param_sets: dict[str, list[tuple[str, list[str], Any]]] = {}
+    for text in overrides:
+        stage, keys, value = parse_override(text)
+        path = _stage_path(keys)
+        if path[0] == "params" and len(path) > 1:
+            param_sets.setdefault(stage, []).append((text, path[1:], value))
     _check_keys(data, _TOP_KEYS, src, "")
     name = data.get("name") or Path(src).stem
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise _fail(src, "name", f"{name!r} is not a valid pipeline name (letters, digits, '_', '-')")
-    tracking = _parse_typed(TrackingSpec, _as_mapping(data.get("tracking"), src, "tracking"),
-                            _TRACKING_KEYS, src, "tracking")
-    cluster = _parse_typed(ClusterSpec, _as_mapping(data.get("cluster"), src, "cluster"),
-                           _CLUSTER_KEYS, src, "cluster")
+    tracking = build_config(TrackingSpec, (_as_mapping(data.get("tracking"), src, "tracking"), f"{src}: tracking"))
+    cluster = build_config(ClusterSpec, (_as_mapping(data.get("cluster"), src, "cluster"), f"{src}: cluster"))
     raw_stages = _as_mapping(data.get("stages"), src, "stages")
     if not raw_stages:
         raise _fail(src, "stages", "no stages")
     names = set(raw_stages)
-    stages = {n: _parse_stage(n, d, names, src, base) for n, d in raw_stages.items()}
+    file_stages = file_data.get("stages") if isinstance(file_data.get("stages"), dict) else {}
+    stages = {}
+    for n, d in raw_stages.items():
+        file_stage = file_stages.get(n) if isinstance(file_stages.get(n), dict) else {}
+        file_params = file_stage.get("params") if isinstance(file_stage.get("params"), dict) else {}
+        stages[n] = _parse_stage(n, d, names, src, base, file_params, param_sets.get(n, ()))
     # references must name declared outputs
     for stage in stages.values():
         for key, value in stage.inputs.items():
@@ -499,10 +491,5 @@ def load_dag(path: str | Path, overrides: Sequence[str] = ()) -> DagSpec:
         text = path.read_text()
     except OSError as exc:
         raise CalodistillError(f"{path}: cannot read DAG file ({exc.strerror or exc})") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise CalodistillError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from exc
-    raw = _as_mapping(raw, str(path), "")
-    raw = apply_overrides(raw, overrides, str(path))
-    return parse_dag(raw, path)
+    raw = _as_mapping(load_yaml(text, str(path)), str(path), "")
+    return parse_dag(raw, path, overrides=overrides)

@@ -1,9 +1,11 @@
 """MLflow "models from code" definition of the logged teacher/student pyfunc models.
 
-:meth:`pipeline.tracking.PipelineTracker._log_model` passes this file's path as ``python_model``, so MLflow
-stores this short, readable source with the model instead of a cloudpickle of the wrapper object;
-``mlflow.pyfunc.load_model`` runs it to build :class:`pipeline.tracking.ShowerGeneratorModel`, whose
-``load_context`` reads the weights with ``torch.load(weights_only=True)``.
+:meth:`calodistill.pipeline.orchestration.tracking.PipelineTracker._log_model` passes this file's path as
+``python_model``, so MLflow stores this short, readable source with the model instead of a cloudpickle of
+the wrapper object; ``mlflow.pyfunc.load_model`` runs it to build
+:class:`~calodistill.pipeline.orchestration.tracking.ShowerGeneratorModel`, whose ``load_context`` opens the
+model directory with :class:`~calodistill.pipeline.data.bundle.ModelBundle` (weights read with
+``torch.load(weights_only=True)``).
 """
 
 from mlflow.models import set_model

@@ -26,8 +26,9 @@ Teacher and student are logged as MLflow pyfunc models (``name="teacher"`` / ``"
 ``predict`` takes a DataFrame with an ``incident_energy`` column (MeV) and returns showers (N, voxels)
 in MeV. The student is registered (``tracking.registered_model`` in the DAG) and gets the alias
 ``tracking.alias`` (default ``champion``), so ``calodistill generate --model models:/NAME@champion`` works.
-They are logged as "models from code" (``pipeline/mlflow_model.py``), not as a cloudpickled object, so
-loading one runs that readable file and reads weights with ``torch.load(weights_only=True)``.
+They are logged as "models from code" (``pipeline/orchestration/mlflow_model.py``), not as a cloudpickled
+object, so loading one runs that readable file, which opens the model directory with
+:class:`~calodistill.pipeline.data.bundle.ModelBundle` (weights read with ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -114,10 +115,10 @@ class ShowerGeneratorModel(_PythonModel):  # type: ignore[misc,valid-type]
     """
 
     def load_context(self, context: Any) -> None:
-        """Load the generator from the ``model_dir`` artifact."""
-        from ...flows.serialization import load_generator
+        """Open the ``model_dir`` artifact (:class:`~calodistill.pipeline.data.bundle.ModelBundle`)."""
+        from ..data.bundle import ModelBundle
 
-        self.generator = load_generator(Path(context.artifacts["model_dir"]))
+        self.generator = ModelBundle.open(Path(context.artifacts["model_dir"])).generator()
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001,ANN201
         """Sample one shower per incident energy (MeV).
@@ -392,21 +393,10 @@ class PipelineTracker:
 
 
 def _model_voxels(model_dir: Path) -> int:
-    """Number of voxels of a model directory (from its saved metadata, else by loading it)."""
-    for name in ("generator.json", "meta.json", "metadata.json", "config.json", "preprocessing.json"):
-        p = model_dir / name
-        if p.is_file():
-            try:
-                data = json.loads(p.read_text())
-            except ValueError:
-                continue
-            sizes = data.get("layer_sizes") or (data.get("preprocessing") or {}).get("layer_sizes")
-            if sizes:
-                return int(sum(sizes))
-    from ...flows.serialization import load_generator
+    """Number of voxels of a model directory (from its preprocessing; no weights are loaded)."""
+    from ..data.bundle import ModelBundle
 
-    gen = load_generator(model_dir)
-    return int(sum(gen.layer_sizes))
+    return ModelBundle.open(model_dir).n_voxels
 
 
 def _pip_requirements() -> list[str]:

@@ -15,12 +15,12 @@ Figures:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..data.geometry import Geometry
 
 __all__ = [
@@ -48,13 +48,14 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path, dpi: int = 100, bbox: str | None = "tight") -> Path:
-    """Save atomically (temporary file next to the target, then ``os.replace``) and close the figure."""
+    """Save the figure atomically (:func:`pipeline.atomic.atomic_path`; the format from ``path``'s
+    extension, PNG when it has none) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches=bbox)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi, bbox_inches=bbox)
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -170,8 +171,8 @@ def plot_observable(
         separation: label → separation power against the reference, shown in the legend.
         reference: label of the reference sample (default: the first).
         bins: number of shared bins.
-        quantile: see :func:`pipeline.observables.shared_bin_edges`.
-        xlabel: axis label (default from :func:`pipeline.observables.observable_label`).
+        quantile: see :func:`pipeline.metrics.observables.shared_bin_edges`.
+        xlabel: axis label (default from :func:`pipeline.metrics.observables.observable_label`).
     """
     return plot_observable_grid([name], {k: {name: v} for k, v in samples.items()}, path,
                                 {k: {name: v} for k, v in (separation or {}).items()}, reference, bins, quantile,
@@ -198,9 +199,9 @@ def plot_observable_grid(
         separation: label → {observable → separation power}, shown in the legends.
         reference: label of the reference sample (default: the first).
         bins: number of shared bins per observable.
-        quantile: see :func:`pipeline.observables.shared_bin_edges`.
+        quantile: see :func:`pipeline.metrics.observables.shared_bin_edges`.
         ncols: panels per row.
-        xlabels: observable → axis label (default from :func:`pipeline.observables.observable_label`).
+        xlabels: observable → axis label (default from :func:`pipeline.metrics.observables.observable_label`).
     """
     plt = _pyplot()
     reference = reference or next(iter(samples))

@@ -6,20 +6,23 @@ per shower at batch 1, 100 and 10 000; warm-up calls, several repeats, the media
 - **Sampling.** Flow II only (the part the student replaces): the MAF teacher samples in D sequential
   passes per block (nflows' loop); the IAF student in one pass, both through ``IAF.inverse`` (the
   model as trained) and through :class:`flows.fast.FastIAFSampler` (precomputed dense weights, lean
-  spline). Every measurement has a time budget: when a call at the requested batch would not fit
-  (judged from the previous, smaller measurement), the largest batch of the 1-2-5 series that fits is
-  timed instead and the table says so. Nothing is extrapolated: every number in the table was measured
-  at the batch printed next to it, and speed-ups compare the two models at the same batch.
+  spline). Every measurement has a time budget
+  (:class:`~calodistill.pipeline.metrics.throughput.BudgetedTimer`): when a call at the requested batch
+  would not fit (judged from the previous, smaller measurement), the largest batch of the 1-2-5 series
+  that fits is timed instead and the table says so. Nothing is extrapolated: every number in the table
+  was measured at the batch printed next to it, and speed-ups compare the two models at the same batch.
 - **Floor.** The student's dense matrix products alone (the same shapes, precomputed weights, a
-  ``torch.mm`` chain into preallocated outputs) at the same batch, unchunked and chunked as the
-  sampler chunks; the faster one is the floor. FLOPs per shower count the dense shapes (masked zeros
-  included), as the hardware executes them.
-- **Ingest.** :func:`pipeline.ingest.bench_ingest`: the Dask ingest of an HDF5 file against one plain
-  ``pyarrow.parquet.write_table`` of the same arrays in one process.
+  ``torch.mm`` chain into preallocated outputs:
+  :func:`~calodistill.pipeline.metrics.throughput.matmul_floor_call`) at the same batch, unchunked and
+  chunked as the sampler chunks; the faster one is the floor. FLOPs per shower count the dense shapes
+  (masked zeros included), as the hardware executes them.
+- **Ingest.** :func:`calodistill.pipeline.data.ingest_bench.bench_ingest`: the Dask ingest of an HDF5 file
+  against one plain ``pyarrow.parquet.write_table`` of the same arrays in one process.
 - **Training.** Optimiser steps of the teacher (maximum likelihood, :func:`flows.losses.nll_loss`) and
   of the student (CaloFlow II distillation, :func:`flows.distillation.distillation_step_loss`): showers
-  per second and peak memory (``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of the
-  process's peak resident set, reset through ``/proc/self/clear_refs`` where Linux allows it).
+  per second and peak memory (:class:`~calodistill.pipeline.metrics.memory.PeakMemory`).
+
+The tables are rendered by :mod:`calodistill.pipeline.report.bench_table`.
 
 Models are random-initialised at CaloFlow sizes for the geometry (timing does not depend on training)
 or loaded from trained model directories. Sizes for CaloChallenge dataset 1 follow the CaloFlow code
@@ -35,13 +38,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,17 @@ import torch
 from torch import Tensor
 
 from ...flows.device import resolve_device
+from ...flows.models import IAF, MAF
+from ..data.bundle import FLOW2_FILES, ModelBundle
 from ..errors import CalodistillError
+from ..metrics.memory import PeakMemory
+from ..metrics.throughput import BudgetedTimer, Timing, matmul_floor_call
 from ..metrics.timing import time_calls
+from ..report.bench_table import render_markdown
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_bench", "render_markdown", "CALOFLOW_SIZES"]
+__all__ = ["CALOFLOW_SIZES", "SECTIONS", "flat_metrics", "load_models_from_dirs", "run_bench"]
 
 DEFAULT_GEOMETRY = "calochallenge-1-photons"
 DEFAULT_BATCHES = (1, 100, 10_000)
@@ -69,97 +75,6 @@ CALOFLOW_SIZES: dict[str, tuple[int, int]] = {
 SECTIONS = ("sampling", "floor", "ingest", "training")
 
 
-# ---------------------------------------------------------------------------------------- timing
-@dataclass
-class Timing:
-    """One measurement: seconds per call for each repeat at ``batch`` (the median is reported)."""
-
-    batch: int
-    seconds: list[float]
-    warmup: int
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def ms_per_shower(self) -> float:
-        return 1e3 * self.median_s / self.batch
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"batch": self.batch, "repeats": len(self.seconds), "warmup": self.warmup,
-                "median_s": self.median_s, "ms_per_shower": self.ms_per_shower,
-                "seconds": self.seconds}
-
-
-
-def _nice_batch_at_most(limit: float) -> int:
-    """Largest number of the 1-2-5 series not above ``limit`` (0 if ``limit`` < 1)."""
-    if limit < 1:
-        return 0
-    best = 1
-    decade = 1
-    while decade <= limit:
-        for m in (1, 2, 5):
-            if m * decade <= limit:
-                best = m * decade
-        decade *= 10
-    return best
-
-
-class BudgetedTimer:
-    """Times ``make_call(batch)`` at increasing batches, within ``budget_s`` per measurement.
-
-    The per-shower time of the last measurement (taken at a smaller batch, so an over-estimate per
-    shower for larger ones) decides whether the requested batch fits; if not, the largest 1-2-5 batch
-    that fits is timed. Repeats shrink (down to 1) and warm-up calls are dropped to stay in budget.
-    """
-
-    def __init__(self, name: str, make_call: Callable[[int], Callable[[], Any]], device: torch.device,
-                 budget_s: float, repeats: int, warmup: int) -> None:
-        self.name = name
-        self.make_call = make_call
-        self.device = device
-        self.budget_s = budget_s
-        self.repeats = repeats
-        self.warmup = warmup
-        self.last: Timing | None = None
-        self.cache: dict[int, Timing] = {}
-
-    def measure(self, batch: int) -> tuple[Timing, str]:
-        """``(timing, note)``: the timing is at ``timing.batch`` (≤ ``batch``); note says why if smaller."""
-        if batch in self.cache:
-            return self.cache[batch], ""
-        note = ""
-        target = batch
-        per_shower = None if self.last is None else self.last.median_s / self.last.batch
-        if per_shower is not None and per_shower * batch > self.budget_s:
-            target = _nice_batch_at_most(self.budget_s / per_shower)
-            target = max(target, self.last.batch)  # type: ignore[union-attr]
-            note = (f"batch {batch} exceeds the {self.budget_s:g} s budget (judged from batch "
-                    f"{self.last.batch}); timed batch {target}")  # type: ignore[union-attr]
-            if target in self.cache:
-                return self.cache[target], note
-        call = self.make_call(target)
-        repeats, warmup = self.repeats, self.warmup
-        if per_shower is not None:
-            fits = int(self.budget_s // max(per_shower * target, 1e-12))
-            repeats = max(1, min(repeats, fits))
-            warmup = min(warmup, max(0, fits - repeats))
-        else:  # first measurement: one call first to learn its cost
-            first = time_calls(call, self.device, 1, 0)[0]
-            fits = int(self.budget_s // max(first, 1e-12))
-            repeats = max(1, min(repeats, fits))
-            warmup = min(warmup, max(0, fits - repeats))
-        logger.info("bench %s: batch %d, %d warm-up + %d repeats", self.name, target, warmup, repeats)
-        timing = Timing(target, time_calls(call, self.device, repeats, warmup), warmup)
-        logger.info("bench %s: batch %d: %.4g ms per shower", self.name, target, timing.ms_per_shower)
-        self.cache[target] = timing
-        if self.last is None or target >= self.last.batch:
-            self.last = timing
-        return timing, note
-
-
 # ---------------------------------------------------------------------------------------- models
 def _default_sizes(geometry: str | None, features: int) -> tuple[int, int]:
     if geometry in CALOFLOW_SIZES:
@@ -170,7 +85,8 @@ def _default_sizes(geometry: str | None, features: int) -> tuple[int, int]:
 def build_models(features: int, context_features: int, teacher_hidden: int, student_hidden: int,
                  n_blocks: int = 8, n_hidden_layers: int = 1, seed: int = 0) -> tuple[Any, Any]:
     """Random-initialised CaloFlow-style teacher MAF and student IAF (spline, 8 bins, tail bound 14)."""
-    from ...flows.models import FlowConfig, build_iaf_like, build_maf
+    from ...flows.config import FlowConfig
+    from ...flows.models import build_iaf_like, build_maf
 
     torch.manual_seed(seed)
     cfg = FlowConfig(features=features, context_features=context_features, n_blocks=n_blocks,
@@ -181,32 +97,30 @@ def build_models(features: int, context_features: int, teacher_hidden: int, stud
     return teacher, student
 
 
-def load_models_from_dirs(model_dirs: Sequence[Path]) -> tuple[Any | None, Any | None, list[str]]:
-    """The first ``teacher.pt`` and ``student.pt`` found in the model directories (and their paths)."""
-    from ...flows.errors import FlowsError
-    from ...flows.serialization import STUDENT_FILE, TEACHER_FILE, load_flow
+def load_models_from_dirs(model_dirs: Sequence[Path]) -> tuple[MAF | None, IAF | None, list[str]]:
+    """The first teacher and student Flow II found in the model directories (and their files' paths).
 
-    teacher = student = None
+    A directory may hold only ``teacher.pt`` and/or ``student.pt`` (Flow II is all the benchmark times).
+    """
+    teacher: MAF | None = None
+    student: IAF | None = None
     sources: list[str] = []
     for d in model_dirs:
         d = Path(d)
         if not d.is_dir():
             raise CalodistillError(f"{d}: no such model directory")
-        for name in (TEACHER_FILE, STUDENT_FILE):
-            path = d / name
-            if not path.is_file():
+        if not any((d / name).is_file() for name in FLOW2_FILES.values()):
+            continue
+        bundle = ModelBundle.open(d, flow2_only=True, label="--model-dir")
+        for kind in ("teacher", "student"):
+            if kind not in bundle.kinds or (teacher if kind == "teacher" else student) is not None:
                 continue
-            if (name == TEACHER_FILE and teacher is not None) or (name == STUDENT_FILE and student is not None):
-                continue
-            try:
-                flow = load_flow(path, device="cpu")
-            except FlowsError as exc:
-                raise CalodistillError(f"{path}: {exc}") from None
-            if name == TEACHER_FILE:
-                teacher = flow
-            else:
+            flow = bundle.flow2_of(kind)  # a MAF for the teacher, an IAF for the student (checked)
+            if isinstance(flow, IAF):
                 student = flow
-            sources.append(str(path))
+            else:
+                teacher = flow
+            sources.append(str(bundle.path / FLOW2_FILES[kind]))
     if teacher is None and student is None:
         raise CalodistillError(f"{', '.join(str(d) for d in model_dirs)}: no teacher.pt or student.pt found")
     return teacher, student, sources
@@ -218,97 +132,7 @@ def _config_summary(flow: Any) -> dict[str, Any]:
     return {**flow.config.to_dict(), "model": type(flow).__name__, "parameters": count_parameters(flow)}
 
 
-# ---------------------------------------------------------------------------------------- memory
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """Peak memory growth of a code block: CUDA allocator peak, or the process's peak RSS on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.method = ""
-        self.peak_mb = float("nan")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.method = "torch.cuda.max_memory_allocated - allocated before"
-            return self
-        self.base_rss = _proc_status_kb("VmRSS")
-        reset = False
-        try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-            reset = True
-        except OSError:
-            pass
-        if self.base_rss is not None and reset:
-            self.method = "peak RSS (VmHWM, reset via /proc/self/clear_refs) - RSS before"
-        else:
-            import resource
-
-            self.base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.method = "ru_maxrss growth (lower bound: the process peak is not reset)"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        elif self.method.startswith("peak RSS"):
-            hwm = _proc_status_kb("VmHWM")
-            self.peak_mb = float("nan") if hwm is None else (hwm - self.base_rss) / 1024
-        else:
-            import resource
-
-            self.peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.base_rss) / 1024
-
-
 # ---------------------------------------------------------------------------------------- sections
-def matmul_floor_call(sampler: Any, batch: int, chunk: int | None, device: torch.device) -> Callable[[], None]:
-    """A call doing only the student's dense products at ``batch`` rows (in chunks of ``chunk``)."""
-    rows = min(batch, chunk) if chunk else batch
-    shapes = sampler.matmul_shapes(rows)
-    weights: list[Tensor] = []
-    if sampler.ctx_w is not None:
-        weights.append(sampler.ctx_w)
-    for blk in sampler.blocks:
-        weights.append(blk.w_in)
-        weights.extend(w for w, _ in blk.hidden)
-        if blk.groups is not None:
-            weights.extend(wg for _, _, _, wg, _ in blk.groups)
-        else:
-            weights.append(blk.w_out)
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    inputs = {k: torch.randn(rows, k, generator=gen, dtype=sampler.dtype).to(device) for _, k, _ in shapes}
-    outs = [torch.empty(rows, n, dtype=sampler.dtype, device=device) for _, _, n in shapes]
-    n_chunks = math.ceil(batch / rows)
-    last_rows = batch - (n_chunks - 1) * rows
-
-    def call() -> None:
-        with torch.inference_mode():
-            for i in range(n_chunks):
-                r = rows if i < n_chunks - 1 else last_rows
-                prev: Tensor | None = None
-                for (_, k, _), w, out in zip(shapes, weights, outs):
-                    a = prev if prev is not None and prev.shape[1] == k else inputs[k]
-                    torch.mm(a[:r], w, out=out[:r])
-                    prev = out[:r]
-
-    return call
-
-
 def _sampling_section(teacher: Any, student: Any, device: torch.device, batches: Sequence[int],
                       budget_s: float, repeats: int, warmup: int, chunk_size: int | None,
                       with_floor: bool, seed: int) -> dict[str, Any]:
@@ -468,12 +292,10 @@ def _training_section(teacher: Any, student: Any, device: torch.device, steps: i
 
 
 def _ingest_section(geometry: str, n: int, scheduler: str | None) -> dict[str, Any]:
-    from ..data import ingest
+    from ..data.ingest_bench import bench_ingest
 
-    if hasattr(ingest, "bench_ingest"):
-        return {"source": "calodistill.pipeline.data.ingest.bench_ingest", **ingest.bench_ingest(n=n, geometry=geometry,
-                                                                             scheduler=scheduler)}
-    raise CalodistillError("pipeline.ingest.bench_ingest: not available")
+    return {"source": "calodistill.pipeline.data.ingest_bench.bench_ingest",
+            **bench_ingest(n=n, geometry=geometry, scheduler=scheduler)}
 
 
 # ---------------------------------------------------------------------------------------- device
@@ -652,106 +474,3 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
             if k in ig:
                 m[f"ingest_{k}" if not k.startswith("ingest") else k] = float(ig[k])
     return m
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "—"
-    if x == 0:
-        return "0"
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}g}"
-
-
-def _cell(t: dict[str, Any], requested: int) -> str:
-    s = _fmt(t["ms_per_shower"])
-    if t["batch"] != requested:
-        s += f" (at batch {t['batch']})†"
-    return s
-
-
-def render_markdown(result: dict[str, Any]) -> str:
-    """The results as markdown tables (sampling, ingest, training) with the set-up above them."""
-    info = result["device_info"]
-    lines = [
-        f"Device: {info['device']}" + (f" ({info['gpu']})" if info.get("gpu") else "")
-        + f"; CPU: {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']} with "
-        f"{info['torch_threads']} threads; load average at start {_load(info.get('load_average'))}, "
-        f"at end {_load(info.get('load_average_end'))}.",
-        f"Geometry: {result['geometry'] or 'none'} (D = {result['features']}, context {result['context_features']}); "
-        f"models: {result['models']}; {result['dtype']}.",
-        f"Teacher: MAF, {result['teacher']['n_blocks']} blocks, hidden {result['teacher']['hidden_features']} "
-        f"× {result['teacher']['n_hidden_layers']}, {result['teacher']['parameters']:,} parameters. "
-        f"Student: IAF, hidden {result['student']['hidden_features']} × {result['student']['n_hidden_layers']}, "
-        f"{result['student']['parameters']:,} parameters.",
-        f"Protocol: median of up to {result['repeats']} repeats after {result['warmup']} warm-up calls "
-        f"(teacher: 1), budget {result['budget_s']:g} s per measurement; ms per shower of Flow II sampling.",
-        "",
-    ]
-    samp = result.get("sampling")
-    notes: list[str] = []
-    if samp:
-        lines += [
-            f"FLOPs per shower: {samp['flops_per_shower'] / 1e6:.1f} MFLOP as dense matmuls (the floor's "
-            f"shapes); the fast sampler executes {samp['flops_per_shower_executed'] / 1e6:.1f} MFLOP "
-            f"(output layer in {samp['output_groups']} groups skipping the MADE mask's zeros); "
-            f"chunks of {samp['chunk_size']} rows; spline inverse: {samp.get('spline', 'torch ops')}.",
-            "",
-            "| batch | teacher ms/shower | student IAF.inverse ms/shower | student fast ms/shower "
-            "| speed-up teacher/fast (same batch) | dense matmul floor ms/shower | fast / dense floor "
-            "| fast / its own matmuls | fast GFLOP/s (executed) | floor GFLOP/s |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for row in samp["rows"]:
-            b = row["batch"]
-            sp = row.get("speedup_fast")
-            sp_s = "—" if sp is None else f"{_fmt(sp)}× (batch {row['teacher']['batch']})"
-            fl = row.get("floor")
-            lines.append(
-                f"| {b:,} | {_cell(row['teacher'], b)} | {_cell(row['student_iaf'], b)} | "
-                f"{_cell(row['student_fast'], b)} | {sp_s} | {_fmt(fl['ms_per_shower']) if fl else '—'} | "
-                f"{_fmt(row.get('student_over_floor'))} | {_fmt(row.get('student_over_own_matmuls'))} | "
-                f"{_fmt(row['student_gflops'])} | "
-                f"{_fmt(fl['gflops']) if fl else '—'} |")
-            for key in ("teacher", "student_iaf", "student_fast"):
-                if row[key]["note"]:
-                    notes.append(f"† {key}: {row[key]['note']}.")
-        lines.append("")
-        if notes:
-            lines += [*dict.fromkeys(notes), "Every figure was measured at the batch shown; none is extrapolated.", ""]
-    tr = result.get("training")
-    if tr:
-        lines += ["| training | loss | batch | showers/s | peak memory MB |", "|---|---|---:|---:|---:|"]
-        for name in ("teacher", "student"):
-            r = tr.get(name)
-            if not r:
-                continue
-            if "error" in r:
-                lines.append(f"| {name} | {r['error']} | — | — | — |")
-                continue
-            lines.append(f"| {name} | {r['loss']} | {r['batch']} | {_fmt(r['showers_per_s'])} | "
-                         f"{_fmt(r['peak_memory_mb'])} |")
-        method = next((tr[n]["memory_method"] for n in ("teacher", "student") if n in tr and "memory_method" in tr[n]), "")
-        lines += ["", f"Peak memory: {method}.", ""]
-    ig = result.get("ingest")
-    if ig:
-        lines += [
-            "| ingest | showers | showers/s | MB/s |", "|---|---:|---:|---:|",
-            f"| calodistill ingest (Dask, {ig.get('n_workers', '?')} workers) | {ig['n']:,} | "
-            f"{_fmt(ig['ingest_showers_per_s'])} | {_fmt(ig['ingest_mb_per_s'])} |",
-            f"| plain read + pyarrow.parquet.write_table (one process) | {ig['n']:,} | "
-            f"{_fmt(ig['baseline_showers_per_s'])} | {_fmt(ig['baseline_mb_per_s'])} |",
-            "",
-            f"Ingest / plain write_table throughput: {_fmt(ig['ratio'])} (geometry {ig['geometry']}; "
-            f"cluster start-up {_fmt(ig.get('cluster_start_s'))} s not counted; MB = uncompressed voxels + energies).",
-            "",
-        ]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _load(v: Sequence[float] | None) -> str:
-    return "n/a" if not v else "/".join(f"{x:.1f}" for x in v)
-
-
-# ---------------------------------------------------------------------------------------- CLI

@@ -1,12 +1,9 @@
 """Stage ``distill``: distil the IAF student from a trained MAF teacher (CaloFlow II).
 
-:func:`distill_student` is the plain stage function; ``configure_parser`` / ``run_cli`` make it the
-``calodistill distill`` command. STUDENT_DIR is a self-contained generator directory
-(``preprocessing.json``, ``flow1.pt`` copied from the teacher's directory, ``student.pt``) plus
-``distill_config.json``, ``metrics.json``, ``history.json`` and ``checkpoints/student/`` (resumable).
-
-Configuration: :class:`DistillStageConfig`, overridden by ``--config FILE`` and ``--set key=value``
-exactly as for ``train-teacher`` (unknown keys rejected, naming the key and the file).
+:func:`distill_student` takes paths and a :class:`DistillStageConfig` (or a mapping of overrides for
+one) and returns metrics. STUDENT_DIR is a self-contained generator directory (``preprocessing.json``,
+``flow1.pt`` copied from the teacher's directory, ``student.pt``) plus ``distill_config.json``,
+``metrics.json``, ``history.json`` and ``checkpoints/student/`` (resumable).
 """
 
 from __future__ import annotations
@@ -20,20 +17,20 @@ from typing import Any
 
 import numpy as np
 
+from ...flows.config import STUDENT_FIELDS, DistillConfig, FlowConfig, TrainConfig
+from ...flows.errors import FlowsError
 from ..atomic import atomic_write_json
+from ..config import as_config, config_to_dict
 from ..errors import CalodistillError
 from .train_teacher import (
     MetricsCallback,
     _prepare,
-    _resolve_config,
     compare_summaries,
-    config_to_dict,
     load_splits,
     shower_summary,
 )
 
 __all__ = [
-    "StudentSettings",
     "DistillStageConfig",
     "distill_student",
     "flow2_observables",
@@ -43,32 +40,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class StudentSettings:
-    """The student's MADE sizes (0 / "" = the teacher's); blocks, bins and permutations are the teacher's.
-
-    A student at least as wide as the teacher, with as many hidden layers, starts from the teacher's
-    weights (a wider one by embedding them: :func:`flows.distillation.init_student_from_teacher`).
-    """
-
-    hidden_features: int = 0
-    n_hidden_layers: int = 0
-    dropout: float = 0.0
-    activation: str = ""
-
-
-def _train_defaults() -> Any:
-    from ...flows.training import TrainConfig
-
-    # cosine: on the quickstart it beat one-cycle at 256 steps (student NLL -60.0 vs -57.0 nats) and at
-    # 4096 (-78.4 vs -76.7; teacher -79.6)
-    return TrainConfig(epochs=50, batch_size=256, lr=1e-3, schedule="cosine", patience=10)
-
-
-def _distill_defaults() -> Any:
-    from ...flows.distillation import DistillConfig
-
-    return DistillConfig()
+def _student_changes(student: Mapping[str, Any]) -> dict[str, Any]:
+    """The student's FlowConfig fields that differ from the teacher's (0 or "": the teacher's)."""
+    return {k: v for k, v in student.items() if k == "dropout" or v not in (0, "", None)}
 
 
 @dataclass
@@ -79,9 +53,13 @@ class DistillStageConfig:
         seed: seeds the preprocessing noise, the student's initialisation and the checks.
         progress: progress bars.
         max_train: use at most this many training showers (0: all).
-        student: the student's MADE sizes.
-        train: optimisation (:class:`flows.training.TrainConfig`).
-        distill: β, fully guided, KL estimate (:class:`flows.distillation.DistillConfig`).
+        student: the :class:`flows.config.FlowConfig` fields in which the student differs from the
+            teacher, among ``hidden_features``, ``n_hidden_layers``, ``dropout`` and ``activation``
+            (0 or "": the teacher's; ``dropout`` is 0 unless set). Blocks, bins and permutations are
+            the teacher's. A student at least as wide as the teacher, with as many hidden layers,
+            starts from the teacher's weights (:func:`flows.distillation.init_student_from_teacher`).
+        train: optimisation (cosine schedule by default).
+        distill: β, fully guided, KL estimate.
         nll_subset: test showers on which the student's exact (D-pass) NLL is computed.
         nll_batch_size: batch size of that computation.
         eval_batch_size: batch size of one-pass evaluations.
@@ -93,14 +71,24 @@ class DistillStageConfig:
     seed: int = 0
     progress: bool = True
     max_train: int = 0
-    student: StudentSettings = field(default_factory=StudentSettings)
-    train: Any = field(default_factory=_train_defaults)
-    distill: Any = field(default_factory=_distill_defaults)
+    student: dict[str, Any] = field(default_factory=lambda: {"dropout": 0.0},
+                                    metadata={"keys_of": FlowConfig, "keys": STUDENT_FIELDS})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(schedule="cosine"))
+    distill: DistillConfig = field(default_factory=DistillConfig)
     nll_subset: int = 500
     nll_batch_size: int = 250
     eval_batch_size: int = 2048
     check_samples: int = 1000
     teacher_check_samples: int = 100
+
+    def __post_init__(self) -> None:
+        for key in self.student:
+            if key not in STUDENT_FIELDS:
+                raise CalodistillError(f"student.{key}: unknown key (known: {', '.join(STUDENT_FIELDS)})")
+        try:  # the values, on a stand-in teacher
+            FlowConfig(features=1).replace(**_student_changes(self.student))
+        except FlowsError as exc:
+            raise CalodistillError(f"student.{exc}") from None
 
 
 def flow2_observables(geometry: Any, voxels: np.ndarray) -> dict[str, float]:
@@ -238,7 +226,7 @@ def distill_student(
     from ...flows.serialization import save_generator_dir
     from ...flows.training import evaluate_nll
 
-    cfg = _resolve_config(DistillStageConfig, config)
+    cfg = as_config(DistillStageConfig, config)
     t0 = time.perf_counter()
     teacher_dir, data_dir, out_dir = Path(teacher_dir), Path(data_dir), Path(out_dir)
     if not teacher_dir.is_dir():
@@ -257,18 +245,11 @@ def distill_student(
     tr, va, te = (_prepare(pre, s, cfg.seed + i) for i, s in enumerate((train, val, test)))
     n_voxels = geometry.n_voxels
 
-    s = cfg.student
     torch.manual_seed(cfg.seed)
     try:
-        student = build_iaf_like(
-            teacher,
-            hidden_features=s.hidden_features or None,
-            n_hidden_layers=s.n_hidden_layers or None,
-            dropout=s.dropout,
-            activation=s.activation or None,
-        )
-    except Exception as exc:  # FlowsError from a bad size
-        raise CalodistillError(f"config: student: {exc}") from None
+        student = build_iaf_like(teacher, **_student_changes(cfg.student))
+    except FlowsError as exc:
+        raise CalodistillError(f"config: student.{exc}") from None
     # the warm start (distill() repeats it; a resumed run then loads its checkpoint over it)
     warm_started = bool(cfg.distill.init_from_teacher) and init_student_from_teacher(teacher, student)
     logger.info("distill: teacher %d parameters, student %d (%s); %d/%d/%d showers, device %s",

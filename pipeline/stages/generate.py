@@ -13,16 +13,17 @@
 - Output by extension: ``.h5``/``.hdf5`` → the geometry's native HDF5 layout (CaloGAN for ``calogan``,
   CaloChallenge ``incident_energies``/``showers`` otherwise), ``.parquet`` → one Parquet file.
 
-Sampling runs batched on CUDA when present. When N exceeds ``--shard-size`` the work is split into
-shards, each written atomically as a partition file (on the Dask cluster at ``--scheduler`` if given,
-in this process otherwise; finished partitions are reused when the same command is run again), then
-joined into the final file, written atomically. Everything is checked before anything is written:
-invalid energies, an unknown model or an unwritable output give a one-line error and no file.
+The model is opened once (:class:`~calodistill.pipeline.data.bundle.ModelBundle`). Sampling runs batched on
+CUDA when present. When N exceeds ``--shard-size`` the work is split into shards, each written atomically
+as a partition file (on the Dask cluster at ``--scheduler`` if given, where each task re-opens the model
+from its path; in this process otherwise, with the open model; finished partitions are reused when the
+same command is run again), then joined into the final file, written atomically. Everything is checked
+before anything is written: invalid energies, an unknown model or an unwritable output give a one-line
+error and no file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ...flows.device import resolve_device
-from ..data.store import resolve_model_dir
+from ..data.bundle import ModelBundle
 from ..errors import CalodistillError
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
     "generate_showers_file",
     "parse_energy",
     "parse_energy_spec",
-    "resolve_model_dir",
     "write_sample_artifact",
 ]
 
@@ -132,70 +132,31 @@ def parse_energy_spec(spec: str) -> EnergySpec:
     return EnergySpec("fixed", values=(parse_energy(text, "--energies"),))
 
 
-# ---------------------------------------------------------------------------------------------- models
-
-
-
-def _model_geometry(model_dir: Path, n_voxels: int) -> Any:
-    """The geometry of a model directory: recorded in a JSON file next to the flows, else by voxel count."""
-    from ..data.geometry import get_geometry, infer_geometry
-
-    for p in sorted(model_dir.glob("*.json")):
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(data, dict):
-            continue
-        geo = data.get("geometry")
-        name = geo.get("name") if isinstance(geo, dict) else geo
-        if isinstance(name, str):
-            try:
-                g = get_geometry(name)
-            except Exception:  # noqa: BLE001
-                continue
-            if g.n_voxels == n_voxels:
-                return g
-    return infer_geometry(n_voxels, source=str(model_dir))
-
-
-def _model_particle(model_dir: Path) -> str | None:
-    for p in sorted(model_dir.glob("*.json")):
-        try:
-            data = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("particle"), str):
-            return data["particle"]
-    return None
-
-
 # ------------------------------------------------------------------------------------------- sampling
 
 
-def _sample(model_dir: Path, energies: np.ndarray, batch_size: int, device: str | None, seed: int) -> np.ndarray:
+def _sample(bundle: ModelBundle, energies: np.ndarray, batch_size: int, device: str, seed: int) -> np.ndarray:
     import torch
 
-    from ...flows.errors import FlowsError
-    from ...flows.serialization import load_generator
-
-    try:
-        gen = load_generator(model_dir, device=device)
-    except FlowsError as exc:
-        raise CalodistillError(f"--model {model_dir}: {' '.join(str(exc).split())}") from None
+    gen = bundle.generator(device)
     torch.manual_seed(seed)
     return gen.sample(energies, batch_size=batch_size, seed=seed)
 
 
-def _generate_shard(model_dir: str, energies: np.ndarray, batch_size: int, device: str | None, seed: int,
-                    part: str, geometry: str, particle: str | None, first_event: int) -> dict[str, Any]:
-    """Sample one shard and write it atomically to ``part`` (a Dask task or a local call)."""
+def _generate_shard(model: ModelBundle | str, kind: str, energies: np.ndarray, batch_size: int, device: str,
+                    seed: int, part: str, geometry: str, particle: str | None, first_event: int) -> dict[str, Any]:
+    """Sample one shard and write it atomically to ``part`` (a Dask task or a local call).
+
+    Local calls share the driver's open :class:`ModelBundle`; a Dask task gets the model directory's path
+    and opens it again in the worker (a bundle is not shipped between processes).
+    """
     from ..data.formats import write_showers
     from ..data.geometry import get_geometry
     from ..data.showers import Showers
 
+    bundle = model if isinstance(model, ModelBundle) else ModelBundle.open(model, kind=kind)
     t0 = time.perf_counter()
-    voxels = _sample(Path(model_dir), energies, batch_size, device, seed)
+    voxels = _sample(bundle, energies, batch_size, device, seed)
     seconds = time.perf_counter() - t0
     showers = Showers(get_geometry(geometry), energies, voxels, particle=particle,
                       event_id=np.arange(first_event, first_event + len(energies), dtype=np.int64))
@@ -265,27 +226,19 @@ def generate_showers_file(
     spec = parse_energy_spec(energies)
     _check_output(out)
     with tempfile.TemporaryDirectory(prefix="calodistill-gen-") as tmp:
-        model_dir = resolve_model_dir(str(model), cache_dir=Path(tmp), tracking_uri=tracking_uri)
-        from ...flows.errors import FlowsError
-        from ...flows.serialization import load_generator
-
-        try:
-            gen = load_generator(model_dir, device="cpu")
-        except FlowsError as exc:
-            raise CalodistillError(f"--model {model}: {' '.join(str(exc).split())}") from None
-        n_voxels = sum(gen.layer_sizes)
-        kind = gen.kind
-        del gen
-        geometry = _model_geometry(model_dir, n_voxels)
-        particle = _model_particle(model_dir) or geometry.particle
+        bundle = ModelBundle.open(model, tracking_uri=tracking_uri, cache_dir=Path(tmp))
+        kind = bundle.kind
+        geometry = bundle.geometry
+        particle = bundle.particle
         dev = str(resolve_device(device))
+        bundle.generator("cpu" if scheduler else dev)  # loads and checks the flows before anything is written
         e_inc = spec.sample(int(n), seed=seed)
         n_shards = max(1, math.ceil(n / shard_size))
         out.parent.mkdir(parents=True, exist_ok=True)
 
         if n_shards == 1:
             t0 = time.perf_counter()
-            voxels = _sample(model_dir, e_inc, batch_size, dev, seed)
+            voxels = _sample(bundle, e_inc, batch_size, dev, seed)
             sample_s = time.perf_counter() - t0
             from ..data.formats import write_showers
             from ..data.showers import Showers
@@ -295,10 +248,10 @@ def generate_showers_file(
             write_s = time.perf_counter() - t1
         else:
             sample_s, write_s = _generate_sharded(
-                model_dir, e_inc, out, batch_size, dev, scheduler, seed, shard_size, parts_dir, progress,
+                bundle, e_inc, out, batch_size, dev, scheduler, seed, shard_size, parts_dir, progress,
                 geometry.name, particle, manifest={"model": str(model), "n": int(n), "energies": energies,
                                                    "seed": seed, "shard_size": shard_size,
-                                                   "model_hash": _dir_digest(model_dir)},
+                                                   "model_hash": bundle.digest},
             )
     ms = 1000.0 * sample_s / n
     logger.info("generated %d showers with the %s in %.1f s (%.4f ms/shower sampling) -> %s",
@@ -308,15 +261,7 @@ def generate_showers_file(
             "n_shards": n_shards, "device": dev}
 
 
-def _dir_digest(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(model_dir.glob("*.pt")) + sorted(model_dir.glob("*.json")):
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _generate_sharded(model_dir: Path, e_inc: np.ndarray, out: Path, batch_size: int, device: str,
+def _generate_sharded(bundle: ModelBundle, e_inc: np.ndarray, out: Path, batch_size: int, device: str,
                       scheduler: str | None, seed: int, shard_size: int, parts_dir: Path | None, progress: bool,
                       geometry: str, particle: str | None, manifest: dict[str, Any]) -> tuple[float, float]:
     from tqdm.auto import tqdm
@@ -344,7 +289,7 @@ def _generate_sharded(model_dir: Path, e_inc: np.ndarray, out: Path, batch_size:
         part = parts / f"part-{i:05d}{suffix}"
         if part.is_file():
             continue  # written atomically by an earlier, interrupted call
-        jobs.append((str(model_dir), e_inc[start:start + shard_size], batch_size, device, seed + i, str(part),
+        jobs.append((e_inc[start:start + shard_size], batch_size, device, seed + i, str(part),
                      geometry, particle, start))
     n_shards = math.ceil(n / shard_size)
     logger.info("%d shards of %d showers (%d already written) in %s", n_shards, shard_size,
@@ -356,13 +301,14 @@ def _generate_sharded(model_dir: Path, e_inc: np.ndarray, out: Path, batch_size:
             from distributed import Client, as_completed
 
             with Client(scheduler, timeout="30s") as client:
-                futures = [client.submit(_generate_shard, *job, pure=False) for job in jobs]
+                futures = [client.submit(_generate_shard, str(bundle.path), bundle.kind, *job, pure=False)
+                           for job in jobs]
                 for fut in as_completed(futures):
                     sample_s += fut.result()["sample_s"]
                     bar.update(1)
         else:
             for job in jobs:
-                sample_s += _generate_shard(*job)["sample_s"]
+                sample_s += _generate_shard(bundle, bundle.kind, *job)["sample_s"]
                 bar.update(1)
     t1 = time.perf_counter()
     pieces = [read_showers(parts / f"part-{i:05d}{suffix}", geometry=geometry) for i in range(n_shards)]

@@ -1,42 +1,32 @@
 """Stage ``train-teacher``: fit the preprocessing, train Flow I and the MAF teacher (Flow II) by maximum likelihood.
 
-:func:`train_teacher` is the plain stage function (paths and a config in, metrics out); ``configure_parser``
-and ``run_cli`` make it the ``calodistill train-teacher`` command. The model directory it writes is a
-generator directory (:func:`flows.serialization.save_generator_dir`: ``preprocessing.json``,
-``flow1.pt``, ``teacher.pt``) plus ``train_config.json``, ``metrics.json``, ``history.json`` and
-``checkpoints/{flow1,teacher}/`` (resumable: running the command again continues an interrupted run).
-
-Configuration: :class:`TeacherTrainConfig` (typed dataclasses with defaults), overridden by a YAML/JSON
-file (``--config``), then by ``--set key=value`` (dotted keys, e.g. ``--set teacher.train.epochs=5``).
-Unknown keys are rejected with a message naming the key and the file. The same loader
-(:func:`build_config`) serves ``calodistill distill``.
+:func:`train_teacher` takes paths and a :class:`TeacherTrainConfig` (or a mapping of overrides for
+one) and returns metrics. The model directory it writes is a generator directory
+(:func:`flows.serialization.save_generator_dir`: ``preprocessing.json``, ``flow1.pt``, ``teacher.pt``)
+plus ``train_config.json``, ``metrics.json``, ``history.json`` and ``checkpoints/{flow1,teacher}/``
+(resumable: running it again continues an interrupted run).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
-import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
+from ...flows.config import FlowConfig, PreprocessingConfig, TrainConfig
+from ...flows.errors import FlowsError
 from ..atomic import atomic_write_json
+from ..config import as_config, config_to_dict
 from ..errors import CalodistillError
 
 __all__ = [
-    "PreprocessingSettings",
-    "FlowSettings",
-    "StageTrainSettings",
+    "FlowStageConfig",
     "TeacherTrainConfig",
-    "build_config",
-    "load_config_file",
-    "parse_set_overrides",
     "train_teacher",
     "shower_summary",
     "compare_summaries",
@@ -45,68 +35,32 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[dict[str, float], int], None]
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------------
-# typed configuration
+# configuration
 
 
 @dataclass
-class PreprocessingSettings:
-    """CaloFlow preprocessing (see :class:`flows.preprocessing.CaloFlowPreprocessor`)."""
+class FlowStageConfig:
+    """One flow of the teacher stage: its architecture and its training.
 
-    alpha: float = 1e-6
-    noise_level: float = 1e-3
-    voxel_threshold: float = 1e-3
+    ``model.features`` and ``model.context_features`` are the data's (filled in by
+    :meth:`flows.config.FlowConfig.resolve`); ``model.hidden_features`` 0 means D.
+    """
 
-
-@dataclass
-class FlowSettings:
-    """Architecture of one MAF (see :class:`flows.models.FlowConfig`); ``hidden_features`` 0 = D."""
-
-    n_blocks: int = 8
-    hidden_features: int = 0
-    n_hidden_layers: int = 1
-    kind: str = "spline"
-    num_bins: int = 8
-    tail_bound: float = 14.0
-    permutation: str = "reverse"
-    permutation_seed: int = 0
-    dropout: float = 0.0
-    activation: str = "relu"
+    model: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _train_settings(**kw: Any) -> Any:
-    from ...flows.training import TrainConfig
-
-    return field(default_factory=lambda: TrainConfig(**kw))
-
-
-@dataclass
-class StageTrainSettings:
-    """One flow of the teacher stage: architecture (``model``) and optimisation (``train``)."""
-
-    model: FlowSettings = field(default_factory=FlowSettings)
-    train: Any = _train_settings()  # flows.training.TrainConfig
+def _flow1_defaults() -> FlowStageConfig:
+    """CaloFlow's Flow I: 6 spline blocks, 2 hidden layers of 64."""
+    return FlowStageConfig(model=FlowConfig(n_blocks=6, hidden_features=64, n_hidden_layers=2))
 
 
-def _flow1_defaults() -> StageTrainSettings:
-    from ...flows.training import TrainConfig
-
-    return StageTrainSettings(
-        model=FlowSettings(n_blocks=6, hidden_features=64, n_hidden_layers=2),
-        train=TrainConfig(epochs=50, batch_size=256, lr=1e-3, patience=10),
-    )
-
-
-def _teacher_defaults() -> StageTrainSettings:
-    from ...flows.training import TrainConfig
-
-    return StageTrainSettings(
-        model=FlowSettings(n_blocks=8, hidden_features=0, n_hidden_layers=1),
-        train=TrainConfig(epochs=50, batch_size=256, lr=1e-3, patience=10),
-    )
+def _teacher_defaults() -> FlowStageConfig:
+    """CaloFlow's Flow II teacher: 8 spline blocks, one hidden layer of D."""
+    return FlowStageConfig(model=FlowConfig(n_blocks=8, hidden_features=0, n_hidden_layers=1))
 
 
 @dataclass
@@ -131,189 +85,13 @@ class TeacherTrainConfig:
     seed: int = 0
     progress: bool = True
     max_train: int = 0
-    preprocessing: PreprocessingSettings = field(default_factory=PreprocessingSettings)
-    flow1: StageTrainSettings = field(default_factory=_flow1_defaults)
-    teacher: StageTrainSettings = field(default_factory=_teacher_defaults)
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    flow1: FlowStageConfig = field(default_factory=_flow1_defaults)
+    teacher: FlowStageConfig = field(default_factory=_teacher_defaults)
     eval_batch_size: int = 2048
     check_samples: int = 100
     flow1_check_samples: int = 0
     check_batch_size: int = 100
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        out[f.name] = hints.get(f.name, f.type)
-    return out
-
-
-def _default_instance(cls: type) -> Any:
-    return cls()
-
-
-def _nested_classes(cls: type, instance: Any) -> dict[str, type]:
-    """Field name → dataclass type for nested dataclass fields (typed ``Any`` ones resolved from the default)."""
-    types = _field_types(cls)
-    out = {}
-    for name, tp in types.items():
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            out[name] = tp
-        else:
-            value = getattr(instance, name)
-            if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                out[name] = type(value)
-    return out
-
-
-def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
-    def bad(expected: str) -> CalodistillError:
-        return CalodistillError(f"{source}: {where}: expected {expected}, got {value!r}")
-
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad("an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise bad("a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad("a string")
-    return value
-
-
-def _expand_dotted(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if not isinstance(key, str):
-            raise CalodistillError(f"{source}: keys must be strings, got {key!r}")
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise CalodistillError(f"{source}: key '{key}' conflicts with a value set for '{part}'")
-        if isinstance(value, Mapping):
-            value = _expand_dotted(value, source)
-            existing = node.get(parts[-1])
-            if isinstance(existing, dict):
-                existing.update(value)
-                continue
-        node[parts[-1]] = value
-    return out
-
-
-def _merge(cls: type, instance: Any, values: dict[str, Any], data: Mapping[str, Any], source: str, prefix: str) -> None:
-    types = _field_types(cls)
-    nested = _nested_classes(cls, instance)
-    for key, value in data.items():
-        where = f"{prefix}{key}"
-        if key not in types:
-            known = ", ".join(f"{prefix}{k}" for k in types)
-            raise CalodistillError(f"{source}: unknown key '{where}' (known: {known})")
-        if key in nested:
-            if not isinstance(value, Mapping):
-                raise CalodistillError(f"{source}: {where}: expected a mapping of settings, got {value!r}")
-            _merge(nested[key], getattr(instance, key), values.setdefault(key, {}), value, source, f"{where}.")
-        else:
-            values[key] = _coerce(value, types[key], where, source)
-
-
-def _construct(cls: type, instance: Any, values: dict[str, Any]) -> Any:
-    from ...flows.errors import FlowsError
-
-    nested = _nested_classes(cls, instance)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in nested:
-            kwargs[f.name] = _construct(nested[f.name], getattr(instance, f.name), values.get(f.name, {}))
-        elif f.name in values:
-            kwargs[f.name] = values[f.name]
-        else:
-            kwargs[f.name] = getattr(instance, f.name)
-    try:
-        return cls(**kwargs)
-    except FlowsError as exc:
-        raise CalodistillError(f"config: {exc}") from None
-
-
-def load_config_file(path: Path | str) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict (``CalodistillError`` naming the file on failure)."""
-    import yaml
-
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise CalodistillError(f"{p}: cannot read config file ({exc.strerror})") from None
-    try:
-        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        first = " ".join(str(exc).split())
-        raise CalodistillError(f"{p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'} ({first})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CalodistillError(f"{p}: expected a mapping of settings at the top level")
-    return data
-
-
-def parse_set_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["a.b=3", "kind=affine"]`` → ``{"a.b": 3, "kind": "affine"}`` (values parsed as YAML scalars)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise CalodistillError(f"--set: expected key=value, got {item!r}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out[key] = value
-    return out
-
-
-def build_config(cls: type[T], *sources: tuple[Mapping[str, Any] | None, str]) -> T:
-    """A ``cls`` instance: its defaults overridden by each ``(mapping, source name)`` in turn.
-
-    Mappings may be nested or use dotted keys. Unknown keys and badly typed values raise
-    :class:`CalodistillError` naming the key and the source (a file path, ``--set``, ``config``).
-    """
-    if isinstance(cls, type) and not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{cls} is not a dataclass")
-    default = _default_instance(cls)
-    values: dict[str, Any] = {}
-    for data, source in sources:
-        if data is None:
-            continue
-        if dataclasses.is_dataclass(data) and not isinstance(data, type):
-            data = dataclasses.asdict(data)
-        if not isinstance(data, Mapping):
-            raise CalodistillError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
-        _merge(cls, default, values, _expand_dotted(data, source), source, "")
-    return _construct(cls, default, values)
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-able nested dict of a config dataclass."""
-    return dataclasses.asdict(config)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,22 +132,12 @@ def compare_summaries(reference: dict[str, float], other: dict[str, float], ref_
 # the stage
 
 
-def _flow_config(settings: FlowSettings, features: int, context: int) -> Any:
-    from ...flows.errors import FlowsError
-    from ...flows.models import FlowConfig
-
-    d = dataclasses.asdict(settings)
-    d["hidden_features"] = d["hidden_features"] or features
+def _resolve_flow(name: str, model: FlowConfig, features: int, context: int) -> FlowConfig:
+    """The flow ``name``'s configuration for the data's sizes."""
     try:
-        return FlowConfig(features=features, context_features=context, **d)
+        return model.resolve(features, context)
     except FlowsError as exc:
-        raise CalodistillError(f"config: {exc}") from None
-
-
-def _resolve_config(cls: type[T], config: Mapping[str, Any] | T | None) -> T:
-    if isinstance(config, cls):
-        return config
-    return build_config(cls, (config, "config"))  # type: ignore[arg-type]
+        raise CalodistillError(f"config: {name}.model.{exc}") from None
 
 
 def _prepare(pre: Any, showers: Any, seed: int) -> Any:
@@ -438,7 +206,7 @@ def train_teacher(
     from ...flows.serialization import save_generator_dir
     from ...flows.training import DiagonalGaussianBaseline, evaluate_nll, train_flow_mle
 
-    cfg = _resolve_config(TeacherTrainConfig, config)
+    cfg = as_config(TeacherTrainConfig, config)
     t0 = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     dev = resolve_device(device)
@@ -449,8 +217,7 @@ def train_teacher(
     geometry = ds.geometry
     logger.info("train-teacher: %s, %d/%d/%d showers, %d voxels, device %s", geometry.name, len(train), len(val), len(test), geometry.n_voxels, dev)
 
-    pp = cfg.preprocessing
-    pre = CaloFlowPreprocessor(list(geometry.layer_sizes), alpha=pp.alpha, noise_level=pp.noise_level, voxel_threshold=pp.voxel_threshold)
+    pre = CaloFlowPreprocessor(list(geometry.layer_sizes), **cfg.preprocessing.to_dict())
     pre.fit(train.incident_energy, train.voxels.astype(np.float64))
     tr, va, te = (_prepare(pre, s, cfg.seed + i) for i, s in enumerate((train, val, test)))
     n_layers, n_voxels = geometry.n_layers, geometry.n_voxels
@@ -463,14 +230,14 @@ def train_teacher(
         return cb
 
     torch.manual_seed(cfg.seed)
-    cfg1 = _flow_config(cfg.flow1.model, n_layers, 1)
+    cfg1 = _resolve_flow("flow1", cfg.flow1.model, n_layers, 1)
     flow1 = build_maf(cfg1)
     res1 = train_flow_mle(
         flow1, tr["x1"], tr["c1"], va["x1"], va["c1"], cfg.flow1.train, out_dir / "checkpoints" / "flow1",
         device=dev, on_epoch_end=logger_for("flow1"), progress=cfg.progress, desc="flow1",
     )
     torch.manual_seed(cfg.seed + 1)
-    cfg2 = _flow_config(cfg.teacher.model, n_voxels, 1 + n_layers)
+    cfg2 = _resolve_flow("teacher", cfg.teacher.model, n_voxels, 1 + n_layers)
     teacher = build_maf(cfg2)
     res2 = train_flow_mle(
         teacher, tr["x2"], tr["c2"], va["x2"], va["c2"], cfg.teacher.train, out_dir / "checkpoints" / "teacher",
@@ -535,9 +302,3 @@ def train_teacher(
     if log_metrics is not None:
         log_metrics(dict(metrics), int(res2.epochs_run))
     return metrics
-
-
-# ---------------------------------------------------------------------------------------------------
-# command line
-
-

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from calodistill.flows.config import DistillConfig, FlowConfig, TrainConfig
 from calodistill.flows.distillation import (
-    DistillConfig,
     distill,
     distillation_step_loss,
     init_student_from_teacher,
@@ -25,8 +25,8 @@ from calodistill.flows.losses import (
     kl_student_teacher,
     squared_error,
 )
-from calodistill.flows.models import IAF, MAF, FlowConfig, build_iaf_like, build_maf
-from calodistill.flows.training import TrainConfig, evaluate_nll
+from calodistill.flows.models import IAF, MAF, build_iaf_like, build_maf
+from calodistill.flows.training import evaluate_nll
 
 
 def _teacher(kind: str = "affine", n_blocks: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32) -> MAF:

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from calodistill.flows.config import DistillConfig, FlowConfig
 from calodistill.flows.distillation import (
-    DistillConfig,
     distillation_step_loss,
     init_student_from_teacher,
     local_noise_side_error,
     student_local_trace,
 )
 from calodistill.flows.errors import FlowsError
-from calodistill.flows.models import MAF, FlowConfig, build_iaf_like, build_maf
+from calodistill.flows.models import MAF, build_iaf_like, build_maf
 
 
 def _random_teacher(kind: str = "spline", n_hidden_layers: int = 1, hidden: int = 6, seed: int = 0) -> MAF:

@@ -8,6 +8,7 @@ from nflows.transforms.splines.rational_quadratic import (
     unconstrained_rational_quadratic_spline,
 )
 
+from calodistill.flows.config import FlowConfig
 from calodistill.flows.errors import FlowsError
 from calodistill.flows.fast import (
     FastIAFSampler,
@@ -15,7 +16,7 @@ from calodistill.flows.fast import (
     matmul_floor_shapes,
     rqs_inverse,
 )
-from calodistill.flows.models import FlowConfig, build_iaf_like, build_maf
+from calodistill.flows.models import build_iaf_like, build_maf
 
 D, C = 7, 3
 

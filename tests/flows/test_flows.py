@@ -17,16 +17,14 @@ from nflows.transforms.linear import Linear as NflowsLinear
 from nflows.transforms.permutations import Permutation
 from nflows.transforms.splines import rational_quadratic as nflows_rq
 
+from calodistill.flows.config import FlowConfig, flow1_config, teacher_config
 from calodistill.flows.errors import FlowsError
 from calodistill.flows.models import (
     IAF,
     MAF,
-    FlowConfig,
     build_iaf,
     build_iaf_like,
     build_maf,
-    flow1_config,
-    teacher_config,
 )
 from calodistill.flows.serialization import load_flow, save_flow
 from calodistill.flows.transforms import MADE, MaskedLinear, rq_spline_linear_tails

@@ -14,9 +14,10 @@ from nflows.transforms.splines.rational_quadratic import (
 )
 
 from calodistill.flows import native
+from calodistill.flows.config import FlowConfig
 from calodistill.flows.errors import FlowsError
 from calodistill.flows.fast import FastIAFSampler
-from calodistill.flows.models import FlowConfig, build_iaf_like, build_maf
+from calodistill.flows.models import build_iaf_like, build_maf
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CALODISTILL_NATIVE", "1") == "0", reason="native spline disabled by CALODISTILL_NATIVE=0")
@@ -156,7 +157,8 @@ def test_disabled_falls_back_and_cache_dir_is_used(tmp_path: Path) -> None:
         "import torch\n"
         "from flows import native\n"
         "from flows.fast import FastIAFSampler\n"
-        "from flows.models import FlowConfig, build_iaf_like, build_maf\n"
+        "from flows.config import FlowConfig\n"
+        "from flows.models import build_iaf_like, build_maf\n"
         "cfg = FlowConfig(features=9, context_features=0, n_blocks=2, hidden_features=8, kind='spline')\n"
         "s = FastIAFSampler(build_iaf_like(build_maf(cfg)))\n"
         "print(native.available(), s.native, native.library_path())\n"

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from calodistill.flows.config import flow1_config, teacher_config
 from calodistill.flows.errors import FlowsError
 from calodistill.flows.models import (
     IAF,
     MAF,
     build_iaf_like,
     build_maf,
-    flow1_config,
-    teacher_config,
 )
 from calodistill.flows.preprocessing import CaloFlowPreprocessor
 from calodistill.flows.sampling import ShowerGenerator

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from calodistill.flows.config import TrainConfig
 from calodistill.flows.errors import FlowsError, NonFiniteLossError
 from calodistill.flows.losses import nll_loss
 from calodistill.flows.training import (
     DiagonalGaussianBaseline,
     FitResult,
-    TrainConfig,
     evaluate_nll,
     fit,
     train_flow_mle,
@@ -228,7 +228,7 @@ def test_diagonal_gaussian_baseline_matches_scipy() -> None:
 
 
 def test_bad_config_names_the_field() -> None:
-    with pytest.raises(FlowsError, match="schedule must be one of"):
+    with pytest.raises(FlowsError, match="schedule: must be one of"):
         TrainConfig(schedule="linear")
-    with pytest.raises(FlowsError, match="epochs must be >= 1"):
+    with pytest.raises(FlowsError, match="epochs: must be an integer >= 1"):
         TrainConfig(epochs=0)

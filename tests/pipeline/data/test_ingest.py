@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -14,23 +13,11 @@ import pytest
 
 from calodistill.pipeline.cli import main
 from calodistill.pipeline.data.dataset import dataset_hash, open_dataset
-from calodistill.pipeline.data.formats import file_sha256, read_showers, write_showers
-from calodistill.pipeline.data.ingest import (
-    bench_ingest,
-    ingest_showers,
-    split_assignment,
-)
+from calodistill.pipeline.data.formats import read_showers, write_showers
+from calodistill.pipeline.data.ingest import ingest_showers, split_assignment
+from calodistill.pipeline.data.source import file_sha256
 from calodistill.pipeline.errors import CalodistillError
 from tests.pipeline.data.test_formats import make_showers
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """One in-process LocalCluster (2 workers, 1 thread each) shared by this module's tests."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
-        yield lc.scheduler_address
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -63,17 +50,6 @@ def test_ingest_real_file_exact(calogan_real_file: Path, tmp_path: Path, cluster
     assert part.field("layer_energies").type == pa.list_(pa.float32(), 3)
     assert part.field("split").type == pa.int8() and pa.types.is_dictionary(part.field("particle").type)
     assert _leftovers(tmp_path) == []
-
-
-def test_default_scheduler_is_a_local_cluster(calogan_real_file: Path, tmp_path: Path) -> None:
-    """scheduler=None starts (and closes) a real LocalCluster of worker processes."""
-    import distributed
-
-    summary = ingest_showers([calogan_real_file], tmp_path / "ds", progress=False, partition_mb=0.03)
-    assert summary["n_partitions"] == 4  # 0.03 MB / 2024 B per row = 14 rows per file
-    np.testing.assert_array_equal(open_dataset(tmp_path / "ds").load().voxels, read_showers(calogan_real_file).voxels)
-    with pytest.raises(ValueError):
-        distributed.get_client()  # the cluster's client was closed
 
 
 def test_synth_source_equals_generator(tmp_path: Path, cluster: str) -> None:
@@ -190,11 +166,3 @@ def test_cli_ingest_summary(calogan_real_file: Path, tmp_path: Path, capsys: pyt
     assert main(argv) == 2
     assert "dataset already exists" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
-
-
-def test_bench_ingest_reports_both_rates(tmp_path: Path, cluster: str) -> None:
-    res = bench_ingest(showers=make_showers("calogan", 300), scheduler=cluster, workdir=tmp_path)
-    for key in ("ingest_showers_per_s", "ingest_mb_per_s", "baseline_showers_per_s", "baseline_mb_per_s", "ratio"):
-        assert res[key] > 0
-    assert res["n"] == 300 and res["n_voxels"] == 504
-    assert res["ratio"] == pytest.approx(res["baseline_s"] / res["ingest_s"])

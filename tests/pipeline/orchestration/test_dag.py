@@ -89,7 +89,7 @@ def test_file_inputs_resolve_and_missing_files_are_named(tmp_path: Path) -> None
          r"p\.yaml: stage 'distill': outputs: unknown output 'extra'"),
         (lambda d: d["stages"]["distill"].update(gpu="yes"), r"p\.yaml: stage 'distill': gpu: expected true or false"),
         (lambda d: d.update(tracking={"experiment": "x", "colour": 1}), r"p\.yaml: tracking: unknown key 'colour'"),
-        (lambda d: d.update(cluster={"n_workers": "two"}), r"p\.yaml: cluster\.n_workers: expected int"),
+        (lambda d: d.update(cluster={"n_workers": "two"}), r"p\.yaml: cluster: n_workers: expected an integer"),
         (lambda d: d.update(stages={}), r"p\.yaml: stages: no stages"),
     ],
 )

@@ -1,7 +1,8 @@
-"""The runner: Dask execution of a DAG, skip on rerun, resume after interruption, failure handling.
+"""The run loop (pipeline/orchestration/runner.py): the summary, the CLI and a tiny real pipeline.
 
-Cheap fake stage kinds are registered here (the registry is extensible); the DAGs run on an in-process
-LocalCluster (``cluster: {processes: false}``) so that the fake kinds are visible to the worker.
+Cheap fake stage kinds are registered here (the registry is extensible) and used by the other
+orchestration tests too; the DAGs run on an in-process LocalCluster (``cluster: {processes: false}``)
+so that the fake kinds are visible to the worker.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 import pytest
 import yaml
 
-from calodistill.pipeline.errors import CalodistillError
 from calodistill.pipeline.orchestration.registry import (
     InputSpec,
     StageContext,
@@ -21,12 +21,7 @@ from calodistill.pipeline.orchestration.registry import (
     StageResult,
     register_stage_kind,
 )
-from calodistill.pipeline.orchestration.runner import (
-    ATTEMPT_MARKER,
-    COMPLETE_MARKER,
-    content_hash,
-    run_pipeline,
-)
+from calodistill.pipeline.orchestration.runner import run_pipeline
 
 
 def _log(ctx: StageContext, event: str) -> None:
@@ -34,7 +29,7 @@ def _log(ctx: StageContext, event: str) -> None:
         fh.write(json.dumps({"stage": ctx.stage, "event": event}) + "\n")
 
 
-def _calls(log: Path) -> list[dict[str, Any]]:
+def logged_calls(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
@@ -95,7 +90,7 @@ register_stage_kind(StageKind("fake_forgetful", fake_forgetful, inputs={}, outpu
                     replace=True)
 
 
-def _dag(tmp_path: Path, log: Path, **extra: Any) -> Path:
+def fake_dag(tmp_path: Path, log: Path, **extra: Any) -> Path:
     data = {
         "name": "fake",
         "cluster": {"n_workers": 1, "threads_per_worker": 2, "processes": False},
@@ -111,119 +106,11 @@ def _dag(tmp_path: Path, log: Path, **extra: Any) -> Path:
     return path
 
 
-def test_runs_then_skips_everything_on_rerun(tmp_path: Path) -> None:
-    log = tmp_path / "calls.log"
-    dag = _dag(tmp_path, log)
-    runs = tmp_path / "runs"
-    first = run_pipeline(dag, run_root=runs, track=False)
-    assert first.ok
-    assert [s.status for s in first.stages] == ["ran", "ran", "ran"]
-    assert first.metrics["train"]["test_nll"] == pytest.approx(1.3)
-    assert json.loads((runs / "fake" / "report" / "report.json").read_text())["value"] == 2
-    for stage in ("source", "train", "report"):
-        marker = json.loads((runs / "fake" / stage / COMPLETE_MARKER).read_text())
-        assert marker["stage"] == stage
-        assert not (runs / "fake" / stage / ATTEMPT_MARKER).exists()
-    marker = json.loads((runs / "fake" / "train" / COMPLETE_MARKER).read_text())
-    assert marker["outputs"]["model"]["hash"] == content_hash(runs / "fake" / "train" / "model")
-    n_calls = len(_calls(log))
-
-    second = run_pipeline(dag, run_root=runs, track=False)
-    assert [s.status for s in second.stages] == ["skipped", "skipped", "skipped"]
-    assert len(_calls(log)) == n_calls  # no stage function was called
-    assert second.metrics["train"]["test_nll"] == pytest.approx(1.3)  # metrics come from the marker
-    assert "skipped" in second.format_table()
-
-
-def test_changed_param_reruns_that_stage_and_downstream_only(tmp_path: Path) -> None:
-    log = tmp_path / "calls.log"
-    dag = _dag(tmp_path, log)
-    runs = tmp_path / "runs"
-    run_pipeline(dag, run_root=runs, track=False)
-    third = run_pipeline(dag, run_root=runs, track=False, overrides=["train.epochs=5"])
-    assert [s.status for s in third.stages] == ["skipped", "ran", "ran"]
-    # a fresh attempt (different key) starts from scratch, not from the old checkpoints
-    assert _calls(log)[-2] == {"stage": "train", "event": "start@0"}
-    # upstream content change propagates: new source value → everything reruns
-    fourth = run_pipeline(dag, run_root=runs, track=False, overrides=["train.epochs=5", "source.value=3"])
-    assert [s.status for s in fourth.stages] == ["ran", "ran", "ran"]
-    assert fourth.metrics["report"]["score"] == 3.0
-
-
-def test_modified_output_is_detected(tmp_path: Path) -> None:
-    log = tmp_path / "calls.log"
-    dag = _dag(tmp_path, log)
-    runs = tmp_path / "runs"
-    run_pipeline(dag, run_root=runs, track=False)
-    (runs / "fake" / "report" / "report.json").write_text("tampered")
-    again = run_pipeline(dag, run_root=runs, track=False)
-    assert [s.status for s in again.stages] == ["skipped", "skipped", "ran"]
-
-
-def test_interrupted_stage_resumes_from_checkpoint_and_is_never_marked_complete(tmp_path: Path) -> None:
-    log = tmp_path / "calls.log"
-    flag = tmp_path / "crashed.flag"
-    dag = _dag(tmp_path, log, crash_after=1, crash_flag=str(flag))
-    runs = tmp_path / "runs"
-    first = run_pipeline(dag, run_root=runs, track=False)
-    assert not first.ok
-    assert [s.status for s in first.stages] == ["ran", "failed", "not run"]
-    assert "simulated crash" in (first.stages[1].error or "")
-    assert "upstream train failed" in (first.stages[2].error or "")
-    train_dir = runs / "fake" / "train"
-    assert not (train_dir / COMPLETE_MARKER).exists()  # the half-written model is not marked complete
-    assert (train_dir / ATTEMPT_MARKER).exists()
-    assert not (runs / "fake" / "report" / COMPLETE_MARKER).exists()
-
-    second = run_pipeline(dag, run_root=runs, track=False)
-    assert second.ok
-    assert [s.status for s in second.stages] == ["skipped", "ran", "ran"]
-    assert second.stages[1].resumed
-    starts = [c["event"] for c in _calls(log) if c["stage"] == "train"]
-    assert starts == ["start@0", "start@2"]  # resumed after the checkpoint of epoch 1
-    assert (train_dir / COMPLETE_MARKER).exists()
-
-
-def test_stage_that_does_not_write_its_output_fails(tmp_path: Path) -> None:
-    path = tmp_path / "forget.yaml"
-    path.write_text(yaml.safe_dump({"name": "forget", "cluster": {"processes": False},
-                                    "stages": {"a": {"kind": "fake_forgetful"}}}))
-    summary = run_pipeline(path, run_root=tmp_path / "runs", track=False)
-    assert summary.stages[0].status == "failed"
-    assert "did not write output(s) thing" in (summary.stages[0].error or "")
-    assert not (tmp_path / "runs" / "forget" / "a" / COMPLETE_MARKER).exists()
-
-
-def test_force_reruns_a_complete_stage(tmp_path: Path) -> None:
-    log = tmp_path / "calls.log"
-    dag = _dag(tmp_path, log)
-    runs = tmp_path / "runs"
-    run_pipeline(dag, run_root=runs, track=False)
-    again = run_pipeline(dag, run_root=runs, track=False, force=["report"])
-    assert [s.status for s in again.stages] == ["skipped", "skipped", "ran"]
-    with pytest.raises(CalodistillError, match="--force nosuch: unknown stage"):
-        run_pipeline(dag, run_root=runs, track=False, force=["nosuch"])
-
-
-def test_gpu_stage_without_gpu_is_refused_before_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import calodistill.pipeline.orchestration.runner as runner
-
-    monkeypatch.setattr(runner, "_cuda_devices", lambda: 0)
-    log = tmp_path / "calls.log"
-    data = yaml.safe_load(_dag(tmp_path, log).read_text())
-    data["stages"]["train"]["gpu"] = True
-    path = tmp_path / "gpu.yaml"
-    path.write_text(yaml.safe_dump(data))
-    with pytest.raises(CalodistillError, match=r"gpu\.yaml: stage\(s\) train have gpu: true but no CUDA device"):
-        run_pipeline(path, run_root=tmp_path / "runs", track=False)
-    assert not log.exists()
-
-
 def test_cli_prints_summary_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from calodistill.pipeline.cli import main
 
     log = tmp_path / "calls.log"
-    dag = _dag(tmp_path, log)
+    dag = fake_dag(tmp_path, log)
     rc = main(["run", str(dag), "--runs-dir", str(tmp_path / "runs"), "--no-tracking"])
     out = capsys.readouterr().out
     assert rc == 0

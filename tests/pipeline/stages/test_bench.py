@@ -78,7 +78,8 @@ def test_bench_rejects_bad_input(tmp_path: Path) -> None:
 
 
 def test_bench_loads_trained_model_dir(tmp_path: Path) -> None:
-    from calodistill.flows.models import FlowConfig, build_iaf_like, build_maf
+    from calodistill.flows.config import FlowConfig
+    from calodistill.flows.models import build_iaf_like, build_maf
     from calodistill.flows.serialization import save_flow
 
     teacher = build_maf(FlowConfig(features=5, context_features=1, n_blocks=2, hidden_features=8))
@@ -96,7 +97,8 @@ def test_default_sizes() -> None:
 
 
 def test_cli_help_and_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from calodistill.flows.models import FlowConfig, build_iaf_like, build_maf
+    from calodistill.flows.config import FlowConfig
+    from calodistill.flows.models import build_iaf_like, build_maf
     from calodistill.flows.serialization import save_flow
 
     with pytest.raises(SystemExit):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from calodistill.pipeline.config import build_config
 from calodistill.pipeline.stages.distill import DistillStageConfig, distill_student
-from calodistill.pipeline.stages.train_teacher import build_config
 from tests.pipeline.stages.test_train_teacher import tiny_dataset, tiny_teacher  # noqa: F401  (module fixtures)
 
 TINY = {"train.epochs": 1, "distill.kl_samples": 16, "nll_subset": 4, "check_samples": 0,

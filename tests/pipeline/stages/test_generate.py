@@ -22,12 +22,8 @@ def make_model_dir(path: Path, kind: str = "student", seed: int = 0) -> Path:
     """An untrained but complete CaloGAN generator directory (tiny flows): enough to exercise the I/O."""
     import torch
 
-    from calodistill.flows.models import (
-        FlowConfig,
-        build_iaf_like,
-        build_maf,
-        flow1_config,
-    )
+    from calodistill.flows.config import FlowConfig, flow1_config
+    from calodistill.flows.models import build_iaf_like, build_maf
     from calodistill.flows.preprocessing import CaloFlowPreprocessor
     from calodistill.flows.serialization import save_generator_dir
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from calodistill.pipeline.cli import main
-from calodistill.pipeline.errors import CalodistillError
-from calodistill.pipeline.stages.train_teacher import (
-    TeacherTrainConfig,
+from calodistill.pipeline.config import (
     build_config,
     load_config_file,
-    parse_set_overrides,
+    parse_set,
+    set_sources,
 )
+from calodistill.pipeline.errors import CalodistillError
+from calodistill.pipeline.stages.train_teacher import TeacherTrainConfig
 
 TINY_TEACHER = [
     "--set", "flow1.model.n_blocks=1", "--set", "flow1.model.hidden_features=8",
@@ -66,7 +67,7 @@ def test_train_teacher_rerun_resumes_without_training(tiny_teacher: Path, tiny_d
     from calodistill.pipeline.stages.train_teacher import train_teacher
 
     calls: list[int] = []
-    cfg = parse_set_overrides([a for a in TINY_TEACHER if a != "--set"]) | {"progress": False}
+    cfg = dict(parse_set(a) for a in TINY_TEACHER if a != "--set") | {"progress": False}
     metrics = train_teacher(tiny_dataset, tiny_teacher, cfg, log_metrics=lambda m, s: calls.append(s), device="cpu")
     assert calls == [1]  # only the final summary: both flows were complete
     assert metrics["teacher_epochs"] == 1
@@ -96,11 +97,12 @@ def test_distill_cli_writes_self_contained_student(tiny_teacher: Path, tiny_data
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--set", "teacher.train.epochz=3"], "--set: unknown key 'teacher.train.epochz'"),
-        (["--set", "nosuch=1"], "--set: unknown key 'nosuch'"),
-        (["--set", "teacher.train.epochs=many"], "--set: teacher.train.epochs: expected an integer"),
-        (["--set", "teacher.train.schedule=linear"], "schedule must be one of"),
-        (["--set", "epochs"], "--set: expected key=value"),
+        (["--set", "teacher.train.epochz=3"], "--set teacher.train.epochz=3: unknown key 'teacher.train.epochz'"),
+        (["--set", "nosuch=1"], "--set nosuch=1: unknown key 'nosuch'"),
+        (["--set", "teacher.train.epochs=many"], "--set teacher.train.epochs=many: teacher.train.epochs: expected an integer"),
+        (["--set", "teacher.train.schedule=linear"],
+         "--set teacher.train.schedule=linear: teacher.train.schedule: must be one of"),
+        (["--set", "epochs"], "--set epochs: expected KEY=VALUE"),
     ],
 )
 def test_bad_set_key_exits_2_with_one_line(argv: list[str], message: str, tmp_path: Path,
@@ -131,7 +133,7 @@ def test_build_config_layers_defaults_file_and_overrides(tmp_path: Path) -> None
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"teacher": {"train": {"epochs": 3, "lr": 1e-4}}, "flow1.model.kind": "affine"}))
     cfg = build_config(TeacherTrainConfig, (load_config_file(f), str(f)),
-                       (parse_set_overrides(["teacher.train.epochs=7", "progress=false"]), "--set"))
+                       *set_sources(["teacher.train.epochs=7", "progress=false"]))
     assert cfg.teacher.train.epochs == 7 and cfg.teacher.train.lr == 1e-4
     assert cfg.flow1.model.kind == "affine" and cfg.progress is False
     assert cfg.flow1.model.n_blocks == 6 and cfg.teacher.model.n_blocks == 8  # untouched defaults

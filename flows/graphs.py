@@ -1,0 +1,415 @@
+"""The generator as plain torch graphs for export: no searchsorted, no compiled kernels, no host syncs.
+
+:class:`SamplerGraph` maps ``(incident_energy, noise)`` to showers in MeV (Flow I, the student's one
+pass, the inverse preprocessing); :class:`TeacherLogProbGraph` maps ``(showers, incident_energy)`` to the
+log-likelihood (the preprocessing, Flow I and the teacher in their fast ``forward`` direction, data →
+noise). Both are fixed-shape dense products, gathers and elementwise maps, which ONNX expresses; the
+spline's bin search is a count of knots at or below the value. Preprocessing runs in float64 as in
+:class:`flows.sampling.ShowerGenerator`, the flows in float32.
+
+References:
+    Krause & Shih, CaloFlow, arXiv:2106.05285; CaloFlow II, arXiv:2110.11377;
+    Durkan et al., Neural Spline Flows, arXiv:1906.04032.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .fast import FastIAFSampler, _Block
+from .models import IAF, MAF
+from .preprocessing import ENERGY_UNIT_MEV, LOG_FLOOR, CaloFlowPreprocessor
+
+__all__ = ["spline_bin_index", "rqs_spline", "SamplerGraph", "TeacherLogProbGraph"]
+
+F32, F64 = torch.float32, torch.float64
+
+
+def spline_bin_index(knots: Tensor, values: Tensor) -> Tensor:
+    """Bin of each value: how many interior knots lie at or below it, ``(N, 1, D)`` int64.
+
+    Equals ``searchsorted(knots, values, right=True) − 1`` clamped to ``[0, K − 1]`` for values inside
+    ``[knots_0, knots_K]`` (the spline clamps its inputs there), written with comparisons and a sum
+    because ONNX has no searchsorted.
+
+    Args:
+        knots: ``(N, K + 1, D)`` increasing along dim 1.
+        values: ``(N, D)``.
+    """
+    interior = knots[:, 1:-1]
+    return (values.unsqueeze(1) >= interior).to(torch.int64).sum(dim=1, keepdim=True)
+
+
+def _knots(unnormalized: Tensor, min_size: float, bound: float) -> tuple[Tensor, Tensor]:
+    """Knots ``(N, K + 1, D)`` and sizes ``(N, K, D)`` of one spline axis (nflows' construction).
+
+    The end knots are exactly ``∓B``: the interior knots are padded with zeros and ``[−B, 0, …, 0, B]``
+    added (adding zero is exact), which avoids concatenating batch-shaped constants.
+    """
+    num_bins = unnormalized.shape[1]
+    sizes = min_size + (1 - min_size * num_bins) * F.softmax(unnormalized, dim=1)
+    inner = 2 * bound * torch.cumsum(sizes, dim=1)[:, :-1] - bound
+    ends = torch.zeros(num_bins + 1, 1, dtype=inner.dtype, device=inner.device)
+    ends[0], ends[-1] = -bound, bound
+    knots = F.pad(inner, (0, 0, 1, 1)) + ends
+    return knots, knots[:, 1:] - knots[:, :-1]
+
+
+def rqs_spline(inputs: Tensor, unnormalized_widths: Tensor, unnormalized_heights: Tensor,
+               unnormalized_derivatives: Tensor, inverse: bool, tail_bound: float, min_bin_width: float,
+               min_bin_height: float, min_derivative: float,
+               need_logabsdet: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Rational-quadratic spline with linear tails, bins along dim 1, out of place and exportable.
+
+    The arithmetic of :func:`flows.transforms.rq_spline_linear_tails` (tested equal to nflows') with the
+    parameters laid out ``(N, K, D)`` (derivatives ``(N, K − 1, D)``) and the bin search of
+    :func:`spline_bin_index`; the gathered per-bin values stay ``(N, 1, D)`` until the end. Returns
+    elementwise ``(outputs, logabsdet)``, identity outside ``[−B, B]``; logabsdet is None unless asked for.
+    """
+    bound = float(tail_bound)
+    inside = inputs.abs() <= bound
+    x = inputs.clamp(-bound, bound)
+    edge = math.log(math.expm1(1 - min_derivative))
+    derivatives = min_derivative + F.softplus(F.pad(unnormalized_derivatives, (0, 0, 1, 1), value=edge))
+    cumwidths, widths = _knots(unnormalized_widths, min_bin_width, bound)
+    cumheights, heights = _knots(unnormalized_heights, min_bin_height, bound)
+    idx = spline_bin_index(cumheights if inverse else cumwidths, x)
+    x = x.unsqueeze(1)
+    in_cumwidths, in_widths = cumwidths.gather(1, idx), widths.gather(1, idx)
+    in_cumheights, in_heights = cumheights.gather(1, idx), heights.gather(1, idx)
+    in_d0, in_d1 = derivatives.gather(1, idx), derivatives.gather(1, idx + 1)
+    in_delta = in_heights / in_widths
+    slope_sum = in_d0 + in_d1 - 2 * in_delta
+    if inverse:
+        dy = x - in_cumheights
+        a = dy * slope_sum + in_heights * (in_delta - in_d0)
+        b = in_heights * in_d0 - dy * slope_sum
+        c = -in_delta * dy
+        discriminant = (b * b - 4 * a * c).clamp_min(0.0)
+        theta = (2 * c) / (-b - torch.sqrt(discriminant))
+        outputs = theta * in_widths + in_cumwidths
+    else:
+        theta = (x - in_cumwidths) / in_widths
+    t1 = theta * (1 - theta)
+    denominator = in_delta + slope_sum * t1
+    if not inverse:
+        outputs = in_cumheights + in_heights * (in_delta * theta * theta + in_d0 * t1) / denominator
+    outputs = torch.where(inside, outputs.squeeze(1), inputs)
+    if not need_logabsdet:
+        return outputs, None
+    numerator = in_delta * in_delta * (in_d1 * theta * theta + 2 * in_delta * t1
+                                       + in_d0 * (1 - theta) * (1 - theta))
+    logabsdet = (torch.log(numerator) - 2 * torch.log(denominator)).squeeze(1)
+    if inverse:
+        logabsdet = -logabsdet
+    return outputs, torch.where(inside, logabsdet, torch.zeros_like(logabsdet))
+
+
+class _Linear(nn.Module):
+    """``x @ weight + bias`` with constant buffers (``weight`` laid out ``(in, out)``)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(F32).contiguous().clone())
+        self.register_buffer("bias", bias.detach().to(F32).contiguous().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class _Elementwise(nn.Module):
+    """A block's elementwise map from its MADE output ``(N, M, D)`` (spline or affine)."""
+
+    def __init__(self, core: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "spline":
+            self.num_bins = int(core.num_bins)
+            self.spline = dict(tail_bound=float(core.tail_bound), min_bin_width=float(core.min_bin_width),
+                               min_bin_height=float(core.min_bin_height),
+                               min_derivative=float(core.min_derivative))
+        else:
+            self.epsilon = float(core._epsilon)
+
+    def forward(self, h: Tensor, p: Tensor, inverse: bool,
+                need_logabsdet: bool = True) -> tuple[Tensor, Tensor | None]:
+        """``(outputs, logabsdet per row or None)``; ``inverse`` selects the spline (or affine) inverse."""
+        if self.kind == "spline":
+            nb = self.num_bins
+            out, lad = rqs_spline(h, p[:, :nb], p[:, nb:2 * nb], p[:, 2 * nb:], inverse, **self.spline,
+                                  need_logabsdet=need_logabsdet)
+            return out, lad.sum(dim=1) if lad is not None else None
+        scale = F.softplus(p[:, 0]) + self.epsilon
+        out = (h - p[:, 1]) / scale if inverse else scale * h + p[:, 1]
+        if not need_logabsdet:
+            return out, None
+        lad = torch.log(scale).sum(dim=1)
+        return out, -lad if inverse else lad
+
+
+class _MADE(nn.Module):
+    """One MADE with its masks multiplied in and its output reordered to ``(N, M, D)``."""
+
+    def __init__(self, made: nn.Module) -> None:
+        super().__init__()
+        first, out = made.hidden_layers[0], made.output_layer
+        d, m = made.features, made.output_multiplier
+        bias = first.bias.detach()
+        self.context = None
+        if made.context_layer is not None:
+            bias = bias + made.context_layer.bias.detach()
+            self.context = _Linear(made.context_layer.weight.detach().t(), torch.zeros_like(bias))
+        self.first = _Linear((first.weight * first.mask).detach().t(), bias)
+        self.hidden = nn.ModuleList(_Linear((layer.weight * layer.mask).detach().t(), layer.bias)
+                                    for layer in made.hidden_layers[1:])
+        w_out = (out.weight * out.mask).detach().view(d, m, -1).permute(1, 0, 2).reshape(m * d, -1)
+        self.out = _Linear(w_out.t(), out.bias.detach().view(d, m).t().reshape(-1))
+        self.activation: Callable[[Tensor], Tensor] = made._activation
+        self.m, self.d = m, d
+
+    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
+        a = self.first(x)
+        if self.context is not None and context is not None:
+            a = a + self.context(context)
+        a = self.activation(a)
+        for layer in self.hidden:
+            a = self.activation(layer(a))
+        return self.out(a).reshape(-1, self.m, self.d)
+
+
+class _MAFGraph(nn.Module):
+    """A MAF (Flow I or the teacher): ``forward`` data → noise in one pass, ``inverse`` D passes per block."""
+
+    def __init__(self, flow: MAF) -> None:
+        super().__init__()
+        blocks = flow.blocks()
+        self.made = nn.ModuleList(_MADE(b.autoregressive_net) for b in blocks)
+        self.maps = nn.ModuleList(_Elementwise(b, flow.config.kind) for b in blocks)
+        for k, perm in enumerate(flow.permutations()):
+            p = perm._permutation.detach().cpu()
+            self.register_buffer(f"perm{k}", p.clone())
+            self.register_buffer(f"unperm{k}", torch.argsort(p))
+        self.n_perms = len(blocks) - 1
+        self.features = flow.config.features
+
+    def forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """data → noise: ``(z, log|det ∂z/∂x|)``, as ``MAF.forward``."""
+        h = x
+        total = torch.zeros_like(x[:, 0])
+        for k, (made, fmap) in enumerate(zip(self.made, self.maps)):
+            h, lad = fmap(h, made(h, context), inverse=False)
+            assert lad is not None
+            total = total + lad
+            if k < self.n_perms:
+                h = h.index_select(1, getattr(self, f"perm{k}"))
+        return h, total
+
+    def inverse(self, z: Tensor, context: Tensor | None) -> Tensor:
+        """noise → data, as ``MAF.inverse``: nflows' loop of D MADE passes per block, unrolled."""
+        h = z
+        for k in range(len(self.made) - 1, -1, -1):
+            if k < self.n_perms:
+                h = h.index_select(1, getattr(self, f"unperm{k}"))
+            out = torch.zeros_like(h)
+            for _ in range(self.features):
+                out, _ = self.maps[k](h, self.made[k](out, context), inverse=True, need_logabsdet=False)
+            h = out
+        return h
+
+
+class _StudentBlock(nn.Module):
+    """One block of :class:`flows.fast.FastIAFSampler`, in sampling order, with its weights as buffers."""
+
+    def __init__(self, blk: _Block, hidden_features: int, offset: int) -> None:
+        super().__init__()
+        pre_index = blk.pre_index.detach().cpu().clone() if blk.pre_index is not None else None
+        self.register_buffer("pre_index", pre_index)
+        self.first = _Linear(blk.w_in.cpu(), torch.zeros(blk.w_in.shape[1]))
+        self.ctx_slice = (offset, offset + hidden_features)
+        self.hidden = nn.ModuleList(_Linear(w.cpu(), b.cpu()) for w, b in blk.hidden)
+        self.activation: Callable[[Tensor], Tensor] = blk.activation
+        if blk.groups is not None:
+            self.groups = [(s, e, hg) for s, e, hg, _, _ in blk.groups]
+            self.out = nn.ModuleList(_Linear(wg.cpu(), bg.cpu()) for _, _, _, wg, bg in blk.groups)
+        else:
+            self.groups = [(0, blk.w_in.shape[0], blk.w_out.shape[0])]
+            self.out = nn.ModuleList([_Linear(blk.w_out.cpu(), blk.b_out.cpu())])
+
+    def forward(self, h: Tensor, ctx_all: Tensor, m: int) -> Tensor:
+        """The MADE output ``(N, M, D)`` of the (re-indexed) state ``h``."""
+        lo, hi = self.ctx_slice
+        a = self.activation(self.first(h) + ctx_all[:, lo:hi])
+        for layer in self.hidden:
+            a = self.activation(layer(a))
+        parts = [lin(a[:, :hg]).reshape(-1, m, e - s) for (s, e, hg), lin in zip(self.groups, self.out)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+class _StudentGraph(nn.Module):
+    """The student's one pass (noise → data) as :class:`flows.fast.FastIAFSampler` computes it.
+
+    The same folded permutations, fused context product and grouped output layer (the MADE mask's zeros
+    skipped), with :func:`rqs_spline` in place of the compiled spline.
+    """
+
+    def __init__(self, flow: IAF, groups: int) -> None:
+        super().__init__()
+        snap = FastIAFSampler(flow, chunk_size=None, groups=groups, native_spline=False)
+        hid = snap.hidden_features
+        self.blocks = nn.ModuleList(_StudentBlock(b, hid, j * hid) for j, b in enumerate(snap.blocks))
+        ctx_w = snap.ctx_w.cpu() if snap.ctx_w is not None else torch.zeros(0, snap.ctx_b.shape[0])
+        self.ctx = _Linear(ctx_w, snap.ctx_b.cpu())
+        self.has_context = snap.ctx_w is not None
+        index = snap.output_index.detach().cpu().clone()
+        identity = torch.equal(index, torch.arange(index.numel()))
+        self.register_buffer("output_index", None if identity else index)
+        self.map = _Elementwise(flow.cores()[0], snap.kind)
+        self.m = snap.multiplier
+
+    def forward(self, z: Tensor, context: Tensor) -> Tensor:
+        if self.has_context:
+            ctx_all = self.ctx(context)
+        else:
+            ctx_all = self.ctx.bias.expand(z.shape[0], -1)
+        h = z
+        for blk in self.blocks:
+            if blk.pre_index is not None:
+                h = h.index_select(1, blk.pre_index)
+            h, _ = self.map(h, blk(h, ctx_all, self.m), inverse=True, need_logabsdet=False)
+        return h if self.output_index is None else h.index_select(1, self.output_index)
+
+
+class _Preprocessing(nn.Module):
+    """:class:`flows.preprocessing.CaloFlowPreprocessor`'s maps in float64, as graph operations."""
+
+    def __init__(self, pre: CaloFlowPreprocessor) -> None:
+        super().__init__()
+        self.alpha = pre.alpha
+        self.ratio = pre.energy_ratio_scale
+        self.threshold = pre.voxel_threshold
+        self.n_layers = pre.n_layers
+        self.bounds = list(zip(pre._bounds[:-1], pre._bounds[1:]))
+        self.register_buffer("mean", torch.tensor(pre.cond_mean, dtype=F64))
+        self.register_buffer("std", torch.tensor(pre.cond_std, dtype=F64))
+        self.register_buffer("layer_index", pre._layer_index(torch.device("cpu")))
+
+    def scaled_log(self, energies: Tensor) -> Tensor:
+        n = energies.shape[1]
+        return (torch.log10(energies / ENERGY_UNIT_MEV + LOG_FLOOR) - self.mean[:n]) / self.std[:n]
+
+    def layer_sums(self, voxels: Tensor) -> Tensor:
+        return torch.stack([voxels[:, a:b].sum(dim=1) for a, b in self.bounds], dim=1)
+
+    def logit(self, u: Tensor) -> Tensor:
+        a = self.alpha
+        y = (a + (1 - 2 * a) * u).clamp(a, 1 - a)
+        return torch.log(y) - torch.log(1 - y)
+
+    def expit(self, t: Tensor) -> Tensor:
+        a = self.alpha
+        x = ((torch.sigmoid(t) - a) / (1 - 2 * a)).clamp(0.0, 1.0)
+        x = torch.where(x < 1e-15, torch.zeros_like(x), x)
+        return torch.where(x > 1 - 1e-15, torch.ones_like(x), x)
+
+    def layer_energies(self, u_logit: Tensor, e_inc: Tensor) -> Tensor:
+        """(N, L) Flow I output → layer energies, as ``layer_energies_from_flow1``."""
+        u = self.expit(u_logit)
+        remaining = u[:, 0] * e_inc * self.ratio
+        layers = []
+        for k in range(self.n_layers - 1):
+            e_k = u[:, k + 1] * remaining
+            layers.append(e_k)
+            remaining = (remaining - e_k).clamp_min(0.0)
+        layers.append(remaining)
+        return torch.stack(layers, dim=1)
+
+    def voxels(self, x_logit: Tensor, layer_e: Tensor) -> Tensor:
+        """(N, D) Flow II output → voxel energies, as ``voxels_from_flow2``."""
+        layer_e = layer_e.clamp_min(0.0)
+        vox = self.expit(x_logit) * layer_e[:, self.layer_index]
+        if self.threshold > 0:
+            vox = torch.where(vox >= self.threshold, vox, torch.zeros_like(vox))
+        sums = self.layer_sums(vox)
+        factor = torch.where(sums > 0, layer_e / sums.clamp_min(1e-300), torch.zeros_like(sums))
+        return vox * factor[:, self.layer_index]
+
+    def transform(self, e_inc: Tensor, voxels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Flow I input, Flow II input and Flow II context, as ``transform(add_noise=False)``."""
+        layer_e = self.layer_sums(voxels)
+        total = layer_e.sum(dim=1)
+        u, remaining = [total / (e_inc * self.ratio)], total
+        for k in range(self.n_layers - 1):
+            u.append(torch.where(remaining > 0, layer_e[:, k] / remaining.clamp_min(1e-300),
+                                 torch.zeros_like(remaining)))
+            remaining = remaining - layer_e[:, k]
+        per_voxel = layer_e[:, self.layer_index]
+        x = torch.where(per_voxel > 0, voxels / per_voxel.clamp_min(1e-300), torch.zeros_like(voxels))
+        ctx2 = self.scaled_log(torch.cat([e_inc[:, None], layer_e], dim=1))
+        return self.logit(torch.stack(u, dim=1)), self.logit(x), ctx2
+
+
+def _cpu_float32(flow: nn.Module) -> nn.Module:
+    return copy.deepcopy(flow).to(device="cpu", dtype=F32).eval()
+
+
+class SamplerGraph(nn.Module):
+    """``(incident_energy (N, 1) MeV, noise (N, L + D)) → showers (N, D) MeV``, all float32.
+
+    ``noise[:, :L]`` is Flow I's standard normal noise and ``noise[:, L:]`` the student's, as
+    :class:`flows.sampling.ShowerGenerator` draws them (Flow I first).
+
+    Args:
+        preprocessor: the fitted preprocessor.
+        flow1: Flow I.
+        student: the IAF Flow II.
+        groups: output-layer groups of the student's MADEs (see :class:`flows.fast.FastIAFSampler`).
+    """
+
+    def __init__(self, preprocessor: CaloFlowPreprocessor, flow1: MAF, student: IAF, groups: int = 16) -> None:
+        super().__init__()
+        self.pre = _Preprocessing(preprocessor)
+        self.flow1 = _MAFGraph(_cpu_float32(flow1))
+        self.student = _StudentGraph(_cpu_float32(student), groups)
+        self.n_layers = preprocessor.n_layers
+
+    def forward(self, incident_energy: Tensor, noise: Tensor) -> Tensor:
+        e = incident_energy[:, 0].to(F64)
+        c1 = self.pre.scaled_log(e[:, None]).to(F32)
+        u = self.flow1.inverse(noise[:, :self.n_layers], c1)
+        layer_e = self.pre.layer_energies(u.to(F64), e)
+        c2 = self.pre.scaled_log(torch.cat([e[:, None], layer_e], dim=1).clamp_min(0.0)).to(F32)
+        x = self.student(noise[:, self.n_layers:], c2)
+        return self.pre.voxels(x.to(F64), layer_e).to(F32)
+
+
+class TeacherLogProbGraph(nn.Module):
+    """``(showers (N, D) MeV, incident_energy (N, 1) MeV) → log_prob (N,)``, float32.
+
+    Flow I's and the teacher's log-likelihood in the preprocessed space, summed: what
+    ``ShowerGenerator.log_prob(..., add_noise=False)["total"]`` returns (add the preprocessing's
+    uniform noise to the showers first to reproduce ``add_noise=True``).
+    """
+
+    def __init__(self, preprocessor: CaloFlowPreprocessor, flow1: MAF, teacher: MAF) -> None:
+        super().__init__()
+        self.pre = _Preprocessing(preprocessor)
+        self.flow1 = _MAFGraph(_cpu_float32(flow1))
+        self.teacher = _MAFGraph(_cpu_float32(teacher))
+        self.log_norm = (0.5 * math.log(2 * math.pi) * preprocessor.n_layers,
+                         0.5 * math.log(2 * math.pi) * preprocessor.n_voxels)
+
+    def forward(self, showers: Tensor, incident_energy: Tensor) -> Tensor:
+        e = incident_energy[:, 0].to(F64)
+        x1, x2, ctx2 = self.pre.transform(e, showers.to(F64))
+        ctx2 = ctx2.to(F32)
+        z1, lad1 = self.flow1(x1.to(F32), ctx2[:, :1])
+        z2, lad2 = self.teacher(x2.to(F32), ctx2)
+        lp1 = -0.5 * (z1 * z1).sum(dim=1) - self.log_norm[0] + lad1
+        lp2 = -0.5 * (z2 * z2).sum(dim=1) - self.log_norm[1] + lad2
+        return lp1 + lp2

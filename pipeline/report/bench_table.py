@@ -1,0 +1,109 @@
+"""The benchmark's results (:func:`calodistill.pipeline.stages.bench.run_bench`) as markdown tables."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["render_markdown"]
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def _cell(t: dict[str, Any], requested: int) -> str:
+    s = _fmt(t["ms_per_shower"])
+    if t["batch"] != requested:
+        s += f" (at batch {t['batch']})†"
+    return s
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The results as markdown tables (sampling, ingest, training) with the set-up above them."""
+    info = result["device_info"]
+    lines = [
+        f"Device: {info['device']}" + (f" ({info['gpu']})" if info.get("gpu") else "")
+        + f"; CPU: {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']} with "
+        f"{info['torch_threads']} threads; load average at start {_load(info.get('load_average'))}, "
+        f"at end {_load(info.get('load_average_end'))}.",
+        f"Geometry: {result['geometry'] or 'none'} (D = {result['features']}, context {result['context_features']}); "
+        f"models: {result['models']}; {result['dtype']}.",
+        f"Teacher: MAF, {result['teacher']['n_blocks']} blocks, hidden {result['teacher']['hidden_features']} "
+        f"× {result['teacher']['n_hidden_layers']}, {result['teacher']['parameters']:,} parameters. "
+        f"Student: IAF, hidden {result['student']['hidden_features']} × {result['student']['n_hidden_layers']}, "
+        f"{result['student']['parameters']:,} parameters.",
+        f"Protocol: median of up to {result['repeats']} repeats after {result['warmup']} warm-up calls "
+        f"(teacher: 1), budget {result['budget_s']:g} s per measurement; ms per shower of Flow II sampling.",
+        "",
+    ]
+    samp = result.get("sampling")
+    notes: list[str] = []
+    if samp:
+        lines += [
+            f"FLOPs per shower: {samp['flops_per_shower'] / 1e6:.1f} MFLOP as dense matmuls (the floor's "
+            f"shapes); the fast sampler executes {samp['flops_per_shower_executed'] / 1e6:.1f} MFLOP "
+            f"(output layer in {samp['output_groups']} groups skipping the MADE mask's zeros); "
+            f"chunks of {samp['chunk_size']} rows; spline inverse: {samp.get('spline', 'torch ops')}.",
+            "",
+            "| batch | teacher ms/shower | student IAF.inverse ms/shower | student fast ms/shower "
+            "| speed-up teacher/fast (same batch) | dense matmul floor ms/shower | fast / dense floor "
+            "| fast / its own matmuls | fast GFLOP/s (executed) | floor GFLOP/s |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in samp["rows"]:
+            b = row["batch"]
+            sp = row.get("speedup_fast")
+            sp_s = "—" if sp is None else f"{_fmt(sp)}× (batch {row['teacher']['batch']})"
+            fl = row.get("floor")
+            lines.append(
+                f"| {b:,} | {_cell(row['teacher'], b)} | {_cell(row['student_iaf'], b)} | "
+                f"{_cell(row['student_fast'], b)} | {sp_s} | {_fmt(fl['ms_per_shower']) if fl else '—'} | "
+                f"{_fmt(row.get('student_over_floor'))} | {_fmt(row.get('student_over_own_matmuls'))} | "
+                f"{_fmt(row['student_gflops'])} | "
+                f"{_fmt(fl['gflops']) if fl else '—'} |")
+            for key in ("teacher", "student_iaf", "student_fast"):
+                if row[key]["note"]:
+                    notes.append(f"† {key}: {row[key]['note']}.")
+        lines.append("")
+        if notes:
+            lines += [*dict.fromkeys(notes), "Every figure was measured at the batch shown; none is extrapolated.", ""]
+    tr = result.get("training")
+    if tr:
+        lines += ["| training | loss | batch | showers/s | peak memory MB |", "|---|---|---:|---:|---:|"]
+        for name in ("teacher", "student"):
+            r = tr.get(name)
+            if not r:
+                continue
+            if "error" in r:
+                lines.append(f"| {name} | {r['error']} | — | — | — |")
+                continue
+            lines.append(f"| {name} | {r['loss']} | {r['batch']} | {_fmt(r['showers_per_s'])} | "
+                         f"{_fmt(r['peak_memory_mb'])} |")
+        method = next((tr[n]["memory_method"] for n in ("teacher", "student") if n in tr and "memory_method" in tr[n]), "")
+        lines += ["", f"Peak memory: {method}.", ""]
+    ig = result.get("ingest")
+    if ig:
+        lines += [
+            "| ingest | showers | showers/s | MB/s |", "|---|---:|---:|---:|",
+            f"| calodistill ingest (Dask, {ig.get('n_workers', '?')} workers) | {ig['n']:,} | "
+            f"{_fmt(ig['ingest_showers_per_s'])} | {_fmt(ig['ingest_mb_per_s'])} |",
+            f"| plain read + pyarrow.parquet.write_table (one process) | {ig['n']:,} | "
+            f"{_fmt(ig['baseline_showers_per_s'])} | {_fmt(ig['baseline_mb_per_s'])} |",
+            "",
+            f"Ingest / plain write_table throughput: {_fmt(ig['ratio'])} (geometry {ig['geometry']}; "
+            f"cluster start-up {_fmt(ig.get('cluster_start_s'))} s not counted; MB = uncompressed voxels + energies).",
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _load(v: Sequence[float] | None) -> str:
+    return "n/a" if not v else "/".join(f"{x:.1f}" for x in v)
