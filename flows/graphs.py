@@ -26,73 +26,75 @@ from .fast import FastIAFSampler, _Block
 from .models import IAF, MAF
 from .preprocessing import ENERGY_UNIT_MEV, LOG_FLOOR, CaloFlowPreprocessor
 
-__all__ = ["spline_bin_index", "rqs_spline", "SamplerGraph", "TeacherLogProbGraph"]
+__all__ = ["SamplerGraph", "TeacherLogProbGraph", "rqs_spline", "spline_bin_index"]
 
 F32, F64 = torch.float32, torch.float64
 
 
 def spline_bin_index(knots: Tensor, values: Tensor) -> Tensor:
-    """Bin of each value: how many interior knots lie at or below it, ``(N, 1, D)`` int64.
+    """Bin of each value: how many interior knots lie at or below it, ``(N, D, 1)`` int64.
 
     Equals ``searchsorted(knots, values, right=True) − 1`` clamped to ``[0, K − 1]`` for values inside
-    ``[knots_0, knots_K]`` (the spline clamps its inputs there), written with comparisons and a sum
+    ``[knots_0, knots_K]`` (the spline clamps its inputs there), written with a comparison and a sum
     because ONNX has no searchsorted.
 
     Args:
-        knots: ``(N, K + 1, D)`` increasing along dim 1.
+        knots: ``(N, D, K + 1)``, increasing along the last axis.
         values: ``(N, D)``.
     """
-    interior = knots[:, 1:-1]
-    return (values.unsqueeze(1) >= interior).to(torch.int64).sum(dim=1, keepdim=True)
+    return (values.unsqueeze(-1) >= knots[..., 1:-1]).to(torch.int64).sum(dim=-1, keepdim=True)
 
 
-def _knots(unnormalized: Tensor, min_size: float, bound: float) -> tuple[Tensor, Tensor]:
-    """Knots ``(N, K + 1, D)`` and sizes ``(N, K, D)`` of one spline axis (nflows' construction).
+def _knots(unnormalized: Tensor, min_size: float, bound: float) -> Tensor:
+    """Knot positions ``(N, D, K + 1)`` of one spline axis, nflows' construction and arithmetic.
 
     The end knots are exactly ``∓B``: the interior knots are padded with zeros and ``[−B, 0, …, 0, B]``
-    added (adding zero is exact), which avoids concatenating batch-shaped constants.
+    added (adding zero is exact), which needs no batch-shaped constant.
     """
-    num_bins = unnormalized.shape[1]
-    sizes = min_size + (1 - min_size * num_bins) * F.softmax(unnormalized, dim=1)
-    inner = 2 * bound * torch.cumsum(sizes, dim=1)[:, :-1] - bound
-    ends = torch.zeros(num_bins + 1, 1, dtype=inner.dtype, device=inner.device)
-    ends[0], ends[-1] = -bound, bound
-    knots = F.pad(inner, (0, 0, 1, 1)) + ends
-    return knots, knots[:, 1:] - knots[:, :-1]
+    num_bins = unnormalized.shape[-1]
+    sizes = min_size + (1 - min_size * num_bins) * F.softmax(unnormalized, dim=-1)
+    inner = 2 * bound * torch.cumsum(sizes, dim=-1)[..., :-1] - bound
+    ends = torch.tensor([-bound, *[0.0] * (num_bins - 1), bound], dtype=inner.dtype, device=inner.device)
+    return F.pad(inner, (1, 1)) + ends
 
 
 def rqs_spline(inputs: Tensor, unnormalized_widths: Tensor, unnormalized_heights: Tensor,
                unnormalized_derivatives: Tensor, inverse: bool, tail_bound: float, min_bin_width: float,
                min_bin_height: float, min_derivative: float,
                need_logabsdet: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Rational-quadratic spline with linear tails, bins along dim 1, out of place and exportable.
+    """Rational-quadratic spline with linear tails, out of place and exportable.
 
-    The arithmetic of :func:`flows.transforms.rq_spline_linear_tails` (tested equal to nflows') with the
-    parameters laid out ``(N, K, D)`` (derivatives ``(N, K − 1, D)``) and the bin search of
-    :func:`spline_bin_index`; the gathered per-bin values stay ``(N, 1, D)`` until the end. Returns
-    elementwise ``(outputs, logabsdet)``, identity outside ``[−B, B]``; logabsdet is None unless asked for.
+    The arithmetic of :func:`flows.transforms.rq_spline_linear_tails` (tested equal to nflows'), its
+    parameter layout (``(N, D, K)``, derivatives ``(N, D, K − 1)``), and the bin search of
+    :func:`spline_bin_index`. Only the knots are computed for every bin; bin sizes and slopes are taken
+    from the gathered knots and parameters (the same numbers, a K-th of the work). Returns elementwise
+    ``(outputs, logabsdet)``, identity outside ``[−B, B]``; logabsdet is None unless asked for.
     """
     bound = float(tail_bound)
     inside = inputs.abs() <= bound
     x = inputs.clamp(-bound, bound)
-    edge = math.log(math.expm1(1 - min_derivative))
-    derivatives = min_derivative + F.softplus(F.pad(unnormalized_derivatives, (0, 0, 1, 1), value=edge))
-    cumwidths, widths = _knots(unnormalized_widths, min_bin_width, bound)
-    cumheights, heights = _knots(unnormalized_heights, min_bin_height, bound)
+    cumwidths = _knots(unnormalized_widths, min_bin_width, bound)
+    cumheights = _knots(unnormalized_heights, min_bin_height, bound)
     idx = spline_bin_index(cumheights if inverse else cumwidths, x)
-    x = x.unsqueeze(1)
-    in_cumwidths, in_widths = cumwidths.gather(1, idx), widths.gather(1, idx)
-    in_cumheights, in_heights = cumheights.gather(1, idx), heights.gather(1, idx)
-    in_d0, in_d1 = derivatives.gather(1, idx), derivatives.gather(1, idx + 1)
+    idx1 = idx + 1
+    x = x.unsqueeze(-1)
+    in_cumwidths = cumwidths.gather(-1, idx)
+    in_widths = cumwidths.gather(-1, idx1) - in_cumwidths
+    in_cumheights = cumheights.gather(-1, idx)
+    in_heights = cumheights.gather(-1, idx1) - in_cumheights
+    edge = math.log(math.expm1(1 - min_derivative))
+    padded = F.pad(unnormalized_derivatives, (1, 1), value=edge)
+    in_d0 = min_derivative + F.softplus(padded.gather(-1, idx))
+    in_d1 = min_derivative + F.softplus(padded.gather(-1, idx1))
     in_delta = in_heights / in_widths
     slope_sum = in_d0 + in_d1 - 2 * in_delta
-    if inverse:
+    if inverse:  # the root of a·θ² + b·θ − c = 0 in [0, 1], signs as in flows.fast.rqs_inverse
         dy = x - in_cumheights
         a = dy * slope_sum + in_heights * (in_delta - in_d0)
         b = in_heights * in_d0 - dy * slope_sum
-        c = -in_delta * dy
-        discriminant = (b * b - 4 * a * c).clamp_min(0.0)
-        theta = (2 * c) / (-b - torch.sqrt(discriminant))
+        c = in_delta * dy
+        discriminant = (b * b + 4 * (a * c)).clamp_min(0.0)
+        theta = (2 * c) / (b + torch.sqrt(discriminant))
         outputs = theta * in_widths + in_cumwidths
     else:
         theta = (x - in_cumwidths) / in_widths
@@ -100,12 +102,12 @@ def rqs_spline(inputs: Tensor, unnormalized_widths: Tensor, unnormalized_heights
     denominator = in_delta + slope_sum * t1
     if not inverse:
         outputs = in_cumheights + in_heights * (in_delta * theta * theta + in_d0 * t1) / denominator
-    outputs = torch.where(inside, outputs.squeeze(1), inputs)
+    outputs = torch.where(inside, outputs.squeeze(-1), inputs)
     if not need_logabsdet:
         return outputs, None
     numerator = in_delta * in_delta * (in_d1 * theta * theta + 2 * in_delta * t1
                                        + in_d0 * (1 - theta) * (1 - theta))
-    logabsdet = (torch.log(numerator) - 2 * torch.log(denominator)).squeeze(1)
+    logabsdet = (torch.log(numerator) - 2 * torch.log(denominator)).squeeze(-1)
     if inverse:
         logabsdet = -logabsdet
     return outputs, torch.where(inside, logabsdet, torch.zeros_like(logabsdet))
@@ -124,16 +126,16 @@ class _Linear(nn.Module):
 
 
 class _Elementwise(nn.Module):
-    """A block's elementwise map from its MADE output ``(N, M, D)`` (spline or affine)."""
+    """A block's elementwise map from its MADE output ``(N, D, M)``, nflows' layout (spline or affine)."""
 
     def __init__(self, core: nn.Module, kind: str) -> None:
         super().__init__()
         self.kind = kind
         if kind == "spline":
             self.num_bins = int(core.num_bins)
-            self.spline = dict(tail_bound=float(core.tail_bound), min_bin_width=float(core.min_bin_width),
-                               min_bin_height=float(core.min_bin_height),
-                               min_derivative=float(core.min_derivative))
+            self.spline = {"tail_bound": float(core.tail_bound), "min_bin_width": float(core.min_bin_width),
+                           "min_bin_height": float(core.min_bin_height),
+                           "min_derivative": float(core.min_derivative)}
         else:
             self.epsilon = float(core._epsilon)
 
@@ -142,11 +144,11 @@ class _Elementwise(nn.Module):
         """``(outputs, logabsdet per row or None)``; ``inverse`` selects the spline (or affine) inverse."""
         if self.kind == "spline":
             nb = self.num_bins
-            out, lad = rqs_spline(h, p[:, :nb], p[:, nb:2 * nb], p[:, 2 * nb:], inverse, **self.spline,
+            out, lad = rqs_spline(h, p[..., :nb], p[..., nb:2 * nb], p[..., 2 * nb:], inverse, **self.spline,
                                   need_logabsdet=need_logabsdet)
             return out, lad.sum(dim=1) if lad is not None else None
-        scale = F.softplus(p[:, 0]) + self.epsilon
-        out = (h - p[:, 1]) / scale if inverse else scale * h + p[:, 1]
+        scale = F.softplus(p[..., 0]) + self.epsilon
+        out = (h - p[..., 1]) / scale if inverse else scale * h + p[..., 1]
         if not need_logabsdet:
             return out, None
         lad = torch.log(scale).sum(dim=1)
@@ -154,7 +156,7 @@ class _Elementwise(nn.Module):
 
 
 class _MADE(nn.Module):
-    """One MADE with its masks multiplied in and its output reordered to ``(N, M, D)``."""
+    """One MADE with its masks multiplied in; output ``(N, D, M)``."""
 
     def __init__(self, made: nn.Module) -> None:
         super().__init__()
@@ -168,8 +170,7 @@ class _MADE(nn.Module):
         self.first = _Linear((first.weight * first.mask).detach().t(), bias)
         self.hidden = nn.ModuleList(_Linear((layer.weight * layer.mask).detach().t(), layer.bias)
                                     for layer in made.hidden_layers[1:])
-        w_out = (out.weight * out.mask).detach().view(d, m, -1).permute(1, 0, 2).reshape(m * d, -1)
-        self.out = _Linear(w_out.t(), out.bias.detach().view(d, m).t().reshape(-1))
+        self.out = _Linear((out.weight * out.mask).detach().t(), out.bias)
         self.activation: Callable[[Tensor], Tensor] = made._activation
         self.m, self.d = m, d
 
@@ -180,7 +181,7 @@ class _MADE(nn.Module):
         a = self.activation(a)
         for layer in self.hidden:
             a = self.activation(layer(a))
-        return self.out(a).reshape(-1, self.m, self.d)
+        return self.out(a).reshape(-1, self.d, self.m)
 
 
 class _MAFGraph(nn.Module):
@@ -223,10 +224,19 @@ class _MAFGraph(nn.Module):
         return h
 
 
-class _StudentBlock(nn.Module):
-    """One block of :class:`flows.fast.FastIAFSampler`, in sampling order, with its weights as buffers."""
+def _feature_major(t: Tensor, m: int, n: int) -> Tensor:
+    """Last axis ``(parameter m, feature n)`` → ``(feature n, parameter m)``."""
+    return t.reshape(*t.shape[:-1], m, n).transpose(-1, -2).reshape(*t.shape[:-1], n * m)
 
-    def __init__(self, blk: _Block, hidden_features: int, offset: int) -> None:
+
+class _StudentBlock(nn.Module):
+    """One block of :class:`flows.fast.FastIAFSampler`, in sampling order, with its weights as buffers.
+
+    The output layer's columns go back from the sampler's ``(parameter, feature)`` order to nflows'
+    ``(feature, parameter)`` order, so that the spline's bins lie along the last axis.
+    """
+
+    def __init__(self, blk: _Block, hidden_features: int, offset: int, m: int) -> None:
         super().__init__()
         pre_index = blk.pre_index.detach().cpu().clone() if blk.pre_index is not None else None
         self.register_buffer("pre_index", pre_index)
@@ -235,20 +245,27 @@ class _StudentBlock(nn.Module):
         self.hidden = nn.ModuleList(_Linear(w.cpu(), b.cpu()) for w, b in blk.hidden)
         self.activation: Callable[[Tensor], Tensor] = blk.activation
         if blk.groups is not None:
-            self.groups = [(s, e, hg) for s, e, hg, _, _ in blk.groups]
-            self.out = nn.ModuleList(_Linear(wg.cpu(), bg.cpu()) for _, _, _, wg, bg in blk.groups)
+            groups = blk.groups
         else:
-            self.groups = [(0, blk.w_in.shape[0], blk.w_out.shape[0])]
-            self.out = nn.ModuleList([_Linear(blk.w_out.cpu(), blk.b_out.cpu())])
+            groups = [(0, blk.w_in.shape[0], blk.w_out.shape[0], blk.w_out, blk.b_out)]
+        merged: list[tuple[int, int, int, Tensor, Tensor]] = []
+        for s, e, hg, wg, bg in groups:
+            wg, bg = _feature_major(wg.cpu(), m, e - s), _feature_major(bg.cpu(), m, e - s)
+            if merged and merged[-1][2] == hg:  # neighbours using the same hidden units: one product
+                s0, _, _, w0, b0 = merged.pop()
+                s, wg, bg = s0, torch.cat([w0, wg], dim=1), torch.cat([b0, bg])
+            merged.append((s, e, hg, wg, bg))
+        self.groups = [(s, e, hg) for s, e, hg, _, _ in merged]
+        self.out = nn.ModuleList(_Linear(wg, bg) for _, _, _, wg, bg in merged)
 
     def forward(self, h: Tensor, ctx_all: Tensor, m: int) -> Tensor:
-        """The MADE output ``(N, M, D)`` of the (re-indexed) state ``h``."""
+        """The MADE output ``(N, D, M)`` of the (re-indexed) state ``h``."""
         lo, hi = self.ctx_slice
         a = self.activation(self.first(h) + ctx_all[:, lo:hi])
         for layer in self.hidden:
             a = self.activation(layer(a))
-        parts = [lin(a[:, :hg]).reshape(-1, m, e - s) for (s, e, hg), lin in zip(self.groups, self.out)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        parts = [lin(a[:, :hg]).reshape(-1, e - s, m) for (s, e, hg), lin in zip(self.groups, self.out)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 class _StudentGraph(nn.Module):
@@ -262,7 +279,8 @@ class _StudentGraph(nn.Module):
         super().__init__()
         snap = FastIAFSampler(flow, chunk_size=None, groups=groups, native_spline=False)
         hid = snap.hidden_features
-        self.blocks = nn.ModuleList(_StudentBlock(b, hid, j * hid) for j, b in enumerate(snap.blocks))
+        self.blocks = nn.ModuleList(_StudentBlock(b, hid, j * hid, snap.multiplier)
+                                    for j, b in enumerate(snap.blocks))
         ctx_w = snap.ctx_w.cpu() if snap.ctx_w is not None else torch.zeros(0, snap.ctx_b.shape[0])
         self.ctx = _Linear(ctx_w, snap.ctx_b.cpu())
         self.has_context = snap.ctx_w is not None
@@ -286,13 +304,21 @@ class _StudentGraph(nn.Module):
 
 
 class _Preprocessing(nn.Module):
-    """:class:`flows.preprocessing.CaloFlowPreprocessor`'s maps in float64, as graph operations."""
+    """:class:`flows.preprocessing.CaloFlowPreprocessor`'s maps in float64, as graph operations.
+
+    Its constants are float64 buffers, not Python numbers: the exporter writes Python scalars in float32
+    (the voxel threshold 1e-3 would become 1.0000000475e-3 and 1e-300 would become 0).
+    """
 
     def __init__(self, pre: CaloFlowPreprocessor) -> None:
         super().__init__()
-        self.alpha = pre.alpha
-        self.ratio = pre.energy_ratio_scale
-        self.threshold = pre.voxel_threshold
+        a = pre.alpha
+        constants = {"alpha": a, "scale": 1 - 2 * a, "one_minus_alpha": 1 - a, "ratio": pre.energy_ratio_scale,
+                     "threshold": pre.voxel_threshold, "unit": ENERGY_UNIT_MEV, "floor": LOG_FLOOR,
+                     "tiny": 1e-300, "snap": 1e-15, "one_minus_snap": 1 - 1e-15, "ln10": math.log(10.0)}
+        for name, value in constants.items():
+            self.register_buffer(name, torch.tensor(value, dtype=F64))
+        self.has_threshold = pre.voxel_threshold > 0
         self.n_layers = pre.n_layers
         self.bounds = list(zip(pre._bounds[:-1], pre._bounds[1:]))
         self.register_buffer("mean", torch.tensor(pre.cond_mean, dtype=F64))
@@ -301,21 +327,20 @@ class _Preprocessing(nn.Module):
 
     def scaled_log(self, energies: Tensor) -> Tensor:
         n = energies.shape[1]
-        return (torch.log10(energies / ENERGY_UNIT_MEV + LOG_FLOOR) - self.mean[:n]) / self.std[:n]
+        log10 = torch.log(energies / self.unit + self.floor) / self.ln10  # torch.log10 exports a float32 ln 10
+        return (log10 - self.mean[:n]) / self.std[:n]
 
     def layer_sums(self, voxels: Tensor) -> Tensor:
         return torch.stack([voxels[:, a:b].sum(dim=1) for a, b in self.bounds], dim=1)
 
     def logit(self, u: Tensor) -> Tensor:
-        a = self.alpha
-        y = (a + (1 - 2 * a) * u).clamp(a, 1 - a)
+        y = torch.clamp(self.alpha + self.scale * u, self.alpha, self.one_minus_alpha)
         return torch.log(y) - torch.log(1 - y)
 
     def expit(self, t: Tensor) -> Tensor:
-        a = self.alpha
-        x = ((torch.sigmoid(t) - a) / (1 - 2 * a)).clamp(0.0, 1.0)
-        x = torch.where(x < 1e-15, torch.zeros_like(x), x)
-        return torch.where(x > 1 - 1e-15, torch.ones_like(x), x)
+        x = ((torch.sigmoid(t) - self.alpha) / self.scale).clamp(0.0, 1.0)
+        x = torch.where(x < self.snap, torch.zeros_like(x), x)
+        return torch.where(x > self.one_minus_snap, torch.ones_like(x), x)
 
     def layer_energies(self, u_logit: Tensor, e_inc: Tensor) -> Tensor:
         """(N, L) Flow I output → layer energies, as ``layer_energies_from_flow1``."""
@@ -333,10 +358,10 @@ class _Preprocessing(nn.Module):
         """(N, D) Flow II output → voxel energies, as ``voxels_from_flow2``."""
         layer_e = layer_e.clamp_min(0.0)
         vox = self.expit(x_logit) * layer_e[:, self.layer_index]
-        if self.threshold > 0:
+        if self.has_threshold:
             vox = torch.where(vox >= self.threshold, vox, torch.zeros_like(vox))
         sums = self.layer_sums(vox)
-        factor = torch.where(sums > 0, layer_e / sums.clamp_min(1e-300), torch.zeros_like(sums))
+        factor = torch.where(sums > 0, layer_e / torch.clamp(sums, min=self.tiny), torch.zeros_like(sums))
         return vox * factor[:, self.layer_index]
 
     def transform(self, e_inc: Tensor, voxels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -345,11 +370,11 @@ class _Preprocessing(nn.Module):
         total = layer_e.sum(dim=1)
         u, remaining = [total / (e_inc * self.ratio)], total
         for k in range(self.n_layers - 1):
-            u.append(torch.where(remaining > 0, layer_e[:, k] / remaining.clamp_min(1e-300),
+            u.append(torch.where(remaining > 0, layer_e[:, k] / torch.clamp(remaining, min=self.tiny),
                                  torch.zeros_like(remaining)))
             remaining = remaining - layer_e[:, k]
         per_voxel = layer_e[:, self.layer_index]
-        x = torch.where(per_voxel > 0, voxels / per_voxel.clamp_min(1e-300), torch.zeros_like(voxels))
+        x = torch.where(per_voxel > 0, voxels / torch.clamp(per_voxel, min=self.tiny), torch.zeros_like(voxels))
         ctx2 = self.scaled_log(torch.cat([e_inc[:, None], layer_e], dim=1))
         return self.logit(torch.stack(u, dim=1)), self.logit(x), ctx2
 

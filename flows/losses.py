@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import FlowTrace
@@ -83,12 +84,12 @@ def squared_error(a: Tensor, b: Tensor, reduction: str = "sum") -> Tensor:
     """
     if a.shape != b.shape:
         raise ValueError(f"squared_error: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
-    if reduction == "mean":
-        return (a - b).pow(2).mean()
-    if reduction != "sum":
+    if reduction not in REDUCTIONS:
         raise ValueError(f"squared_error: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    diff = (a - b).reshape(a.shape[0], -1)
-    return diff.pow(2).sum(dim=1).mean()
+    # one fused kernel each way (mse_loss and its backward) instead of sub, pow, sum and their backward
+    if reduction == "mean":
+        return F.mse_loss(a, b, reduction="mean")
+    return F.mse_loss(a, b, reduction="sum") / a.shape[0]
 
 
 def trace_squared_error(
@@ -121,6 +122,8 @@ def trace_squared_error(
         )
     total = teacher_trace.states[0].new_zeros(())
     for s_t, s_s in zip(teacher_trace.states, student_trace.states):
+        if s_s is s_t:  # a state the student took from the teacher (teacher forcing): zero error
+            continue
         total = total + squared_error(s_s, s_t, reduction)
     if params_weight > 0:
         for p_t, p_s in zip(teacher_trace.params, student_trace.params):
@@ -171,8 +174,9 @@ def distillation_loss(
         raise ValueError(f"distillation_loss: params_weight must be >= 0, got {params_weight}")
     teacher_x, student_x = x_pass
     teacher_z, student_z = z_pass
-    loss_x = squared_error(student_x.states[0], teacher_x.states[0])
-    loss_z = squared_error(teacher_z.states[-1], student_z.states[-1])
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not fully_guided):  # reported only, if guided
+        loss_x = squared_error(student_x.states[0], teacher_x.states[0])
+        loss_z = squared_error(teacher_z.states[-1], student_z.states[-1])
     if fully_guided:
         guided_x = trace_squared_error(teacher_x, student_x, reduction, params_weight)
         guided_z = trace_squared_error(teacher_z, student_z, reduction, params_weight)

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,10 +41,12 @@ __all__ = ["available", "unavailable_reason", "supports_bins", "rqs_inverse_nati
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "rqs_inverse.cpp"
+TRAIN_SOURCE = Path(__file__).with_name("csrc") / "rqs_spline.cpp"
 _BASE_FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+_train_state: dict[str, object] = {}
 
 
 def _cache_dir() -> Path:
@@ -79,21 +82,21 @@ def _flag_sets() -> list[list[str]]:
     return [_BASE_FLAGS + native, list(_BASE_FLAGS)]
 
 
-def _build(cxx: str) -> Path:
-    source = SOURCE.read_bytes()
+def _build(cxx: str, source_path: Path = SOURCE) -> Path:
+    source = source_path.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     errors = []
     for flags in _flag_sets():
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                          _cpu_signature().encode()])).hexdigest()[:16]
-        target = _cache_dir() / f"rqs_inverse-{key}.so"
+        target = _cache_dir() / f"{source_path.stem}-{key}.so"
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".rqs_inverse-", suffix=".so", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{source_path.stem}-", suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+            proc = subprocess.run([cxx, *flags, str(source_path), "-o", tmp], capture_output=True, text=True,
                                   timeout=300)
             if proc.returncode == 0:
                 os.replace(tmp, target)
@@ -102,13 +105,33 @@ def _build(cxx: str) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise FlowsError(f"{SOURCE}: compiling failed ({'; '.join(errors)})")
+    raise FlowsError(f"{source_path}: compiling failed ({'; '.join(errors)})")
 
 
-def _load() -> ctypes.CDLL | None:
+def _bind_inverse(lib: ctypes.CDLL) -> None:
+    for name in ("calodistill_rqs_inverse_f32", "calodistill_rqs_inverse_f64"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_double] * 5 + [ctypes.c_int]
+    lib.calodistill_rqs_vectorised.restype = ctypes.c_int
+    lib.calodistill_rqs_vectorised.argtypes = []
+    lib.calodistill_rqs_supported_bins.restype = ctypes.c_int
+    lib.calodistill_rqs_supported_bins.argtypes = [ctypes.c_int64]
+
+
+def _bind_train(lib: ctypes.CDLL) -> None:
+    for name in ("calodistill_rqs_train_f32", "calodistill_rqs_train_f64"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = ([ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2 + [ctypes.c_double] * 5
+                       + [ctypes.c_int])
+
+
+def _load_source(source_path: Path, bind: Callable[[ctypes.CDLL], None], state: dict[str, object],
+                 used_by: str) -> ctypes.CDLL | None:
     with _lock:
-        if "lib" in _state:
-            return _state["lib"]  # type: ignore[return-value]
+        if "lib" in state:
+            return state["lib"]  # type: ignore[return-value]
         lib = None
         reason = ""
         if os.environ.get("CALODISTILL_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
@@ -117,26 +140,22 @@ def _load() -> ctypes.CDLL | None:
             reason = f"no C++ compiler ({os.environ.get('CXX') or 'g++'}) on PATH"
         else:
             try:
-                path = _build(cxx)
+                path = _build(cxx, source_path)
                 lib = ctypes.CDLL(str(path))
-                for name, ptr in (("calodistill_rqs_inverse_f32", ctypes.c_float),
-                                  ("calodistill_rqs_inverse_f64", ctypes.c_double)):
-                    fn = getattr(lib, name)
-                    fn.restype = ctypes.c_int
-                    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_double] * 5 + [ctypes.c_int]
-                lib.calodistill_rqs_vectorised.restype = ctypes.c_int
-                lib.calodistill_rqs_vectorised.argtypes = []
-                lib.calodistill_rqs_supported_bins.restype = ctypes.c_int
-                lib.calodistill_rqs_supported_bins.argtypes = [ctypes.c_int64]
-                _state["path"] = path
-            except (OSError, subprocess.SubprocessError, FlowsError) as exc:
+                bind(lib)
+                state["path"] = path
+            except (OSError, AttributeError, subprocess.SubprocessError, FlowsError) as exc:
                 lib = None
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if lib is None:
-            logger.info("native spline unavailable (%s); the sampler uses the torch spline", reason)
-        _state["lib"] = lib
-        _state["reason"] = reason
+            logger.info("native %s unavailable (%s); %s", source_path.name, reason, used_by)
+        state["lib"] = lib
+        state["reason"] = reason
         return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    return _load_source(SOURCE, _bind_inverse, _state, "the sampler uses the torch spline")
 
 
 def available() -> bool:
@@ -247,3 +266,102 @@ class NativeSpline:
         if rc != 0:
             raise FlowsError(f"native spline: failed with code {rc}")
         return out
+
+
+# ------------------------------------------------------------------------------- training spline
+def _load_train() -> ctypes.CDLL | None:
+    return _load_source(TRAIN_SOURCE, _bind_train, _train_state, "training uses the torch spline")
+
+
+def train_spline_available() -> bool:
+    """Whether the compiled training spline (forward and inverse with their backward) can be used."""
+    return _load_train() is not None and available()
+
+
+def train_spline_supports(inputs: Tensor, params: Tensor) -> bool:
+    """Whether :func:`rq_spline_native` can take these tensors (CPU float32/float64, supported bins)."""
+    m = params.shape[-1]
+    return (inputs.device.type == "cpu" and inputs.dtype in (torch.float32, torch.float64)
+            and params.dtype == inputs.dtype and params.device.type == "cpu" and (m + 1) % 3 == 0
+            and train_spline_available() and supports_bins((m + 1) // 3))
+
+
+def _edge_derivative(min_derivative: float, dtype: torch.dtype) -> float:
+    """The end derivatives as nflows computes them: min_derivative + softplus(log(expm1(1 − min)))."""
+    return float(torch.nn.functional.softplus(torch.tensor(math.log(math.expm1(1 - min_derivative)),
+                                                           dtype=dtype))) + min_derivative
+
+
+def _train_call(inverse: bool, backward: bool, v: Tensor, p: Tensor, spec: tuple[float, ...],
+                out: Tensor | None = None, lad: Tensor | None = None, g_out: Tensor | None = None,
+                g_lad: Tensor | None = None, g_v: Tensor | None = None, g_p: Tensor | None = None) -> None:
+    lib = _load_train()
+    assert lib is not None
+    fn = lib.calodistill_rqs_train_f32 if v.dtype == torch.float32 else lib.calodistill_rqs_train_f64
+    n, d = v.shape
+    m = p.shape[2]  # p: (N, D, 3K − 1)
+
+    def ptr(t: Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    rc = fn(ptr(v), ptr(p), ptr(out), ptr(lad), ptr(g_out), ptr(g_lad), ptr(g_v), ptr(g_p), n, d, (m + 1) // 3,
+            int(inverse), int(backward), *spec, torch.get_num_threads())
+    if rc != 0:
+        raise FlowsError(f"native training spline: failed with code {rc}")
+
+
+class _RQSpline(torch.autograd.Function):
+    """The compiled spline as an autograd function; its backward is the compiled analytic one."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, inputs: Tensor, params: Tensor, inverse: bool,
+                spec: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+        inputs = inputs.contiguous()
+        params = params.contiguous()
+        out = torch.empty_like(inputs)
+        lad = inputs.new_empty(inputs.shape[0])
+        _train_call(inverse, False, inputs, params, spec, out=out, lad=lad)
+        ctx.save_for_backward(inputs, params)
+        ctx.inverse, ctx.spec = inverse, spec
+        return out, lad
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, g_out: Tensor,
+                 g_lad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        inputs, params = ctx.saved_tensors
+        need_v, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_v or need_p):
+            return None, None, None, None
+        g_v = torch.empty_like(inputs) if need_v else None
+        g_p = torch.empty_like(params) if need_p else None
+        _train_call(ctx.inverse, True, inputs, params, ctx.spec, g_out=g_out.contiguous(),
+                    g_lad=g_lad.contiguous(), g_v=g_v, g_p=g_p)
+        return g_v, g_p, None, None
+
+
+def rq_spline_native(inputs: Tensor, params: Tensor, inverse: bool, tail_bound: float, min_bin_width: float,
+                     min_bin_height: float, min_derivative: float) -> tuple[Tensor, Tensor]:
+    """The linear-tail rational-quadratic spline, compiled, differentiable in ``inputs`` and ``params``.
+
+    The same function as :func:`flows.transforms.rq_spline_linear_tails` (nflows' spline), with the
+    log-determinant summed over features: ``inputs`` ``(N, D)``, ``params`` ``(N, D, 3K − 1)`` (nflows'
+    layout: widths, heights, interior derivatives per feature). Its backward is analytic (the inverse's
+    by the implicit-function theorem), one compiled pass per element instead of autograd's chain of
+    small kernels; first-order gradients only.
+
+    Returns:
+        ``(outputs (N, D), logabsdet (N,))``.
+
+    Raises:
+        FlowsError: tensors :func:`train_spline_supports` rejects.
+    """
+    if inputs.dim() != 2 or params.dim() != 3 or params.shape[:2] != inputs.shape:
+        raise FlowsError(f"inputs/params: expected (N, D) and (N, D, 3K-1), got {tuple(inputs.shape)}, "
+                         f"{tuple(params.shape)}")
+    if not train_spline_supports(inputs, params):
+        raise FlowsError(f"native training spline: cannot take {inputs.device} {inputs.dtype} / {params.dtype} "
+                         f"with {params.shape[-1]} parameters per feature ({unavailable_reason() or 'unsupported'})")
+    spec = (float(tail_bound), float(min_bin_width), float(min_bin_height), float(min_derivative),
+            _edge_derivative(min_derivative, inputs.dtype))
+    return _RQSpline.apply(inputs, params, inverse, spec)

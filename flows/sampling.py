@@ -1,7 +1,7 @@
 """Shower generation: incident energies (MeV) → Flow I → Flow II → voxel energies (MeV).
 
-Flow I samples the layer energies given E_inc; Flow II (the IAF student, one pass, or the MAF
-teacher, D passes) samples the normalised voxels given E_inc and those layer energies; the
+Flow I samples the layer energies given E_inc; Flow II (the IAF student in one pass, or the MAF
+teacher voxel by voxel) samples the normalised voxels given E_inc and those layer energies; the
 preprocessor maps both back to MeV (Krause & Shih, CaloFlow, arXiv:2106.05285).
 """
 
@@ -19,6 +19,7 @@ from .errors import FlowsError
 from .fast import FastIAFSampler
 from .models import IAF, MAF
 from .preprocessing import CaloFlowPreprocessor
+from .teacher_sampling import FastMAFSampler
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class ShowerGenerator:
         self.device = torch.device(device) if device is not None else default_device()
         self.flow1 = flow1.to(self.device).eval()
         self.flow2 = flow2.to(self.device).eval()
-        self._fast: FastIAFSampler | None = None
+        self._fast: FastIAFSampler | FastMAFSampler | None = None
 
     @property
     def kind(self) -> str:
@@ -75,13 +76,12 @@ class ShowerGenerator:
         return self
 
     def _sample_flow2(self, context: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Flow II noise → data. A student goes through :class:`flows.fast.FastIAFSampler` (the same
-        noise and the same result as ``IAF.sample``, without the per-call overhead); a teacher through
-        its own D-pass ``sample``."""
-        if not isinstance(self.flow2, IAF):
-            return self.flow2.sample(context=context, generator=generator)
+        """Flow II noise → data, from the same noise and to the same result as ``flow2.sample``: a student
+        through :class:`flows.fast.FastIAFSampler` (without the per-call overhead), a teacher through
+        :class:`flows.teacher_sampling.FastMAFSampler` (voxel by voxel, the MADE updated incrementally,
+        instead of nflows' D full passes)."""
         if self._fast is None:
-            self._fast = FastIAFSampler(self.flow2)
+            self._fast = FastIAFSampler(self.flow2) if isinstance(self.flow2, IAF) else FastMAFSampler(self.flow2)
         z = self.flow2.sample_noise(context.shape[0], generator)
         return self._fast(z, context)
 

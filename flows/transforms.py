@@ -17,9 +17,13 @@ Built on nflows 0.14:
   ``unconstrained_rational_quadratic_spline`` (linear tails) or nflows' affine map
   (scale = softplus(s) + 1e-3). Unlike nflows' ``MaskedPiecewiseRationalQuadratic...`` they never
   modify the MADE output in place, so it can be traced for distillation.
-- :func:`rq_spline_linear_tails` is nflows' linear-tail rational-quadratic spline rewritten without
-  boolean indexing (``torch.where`` blending); it is the default, tested equal to nflows' function,
-  which stays selectable (``RQSAutoregressiveTransform.use_nflows_spline``).
+- On CPU the spline runs compiled, forward and inverse each with an analytic backward
+  (:func:`flows.native.rq_spline_native`, ``flows/csrc/rqs_spline.cpp``): one pass per element instead
+  of autograd's chain of small kernels, which took most of a training step. Elsewhere (CUDA, no
+  compiler, ``RQSAutoregressiveTransform.use_native_spline = False``) :func:`rq_spline_linear_tails`
+  runs: nflows' linear-tail rational-quadratic spline rewritten without boolean indexing
+  (``torch.where`` blending). Both are tested equal to nflows' function, which stays selectable
+  (``RQSAutoregressiveTransform.use_nflows_spline``).
 - The student's blocks (:class:`SwappedRQSAutoregressiveTransform`,
   :class:`SwappedAffineAutoregressiveTransform`) swap the elementwise map: their nflows ``forward``
   computes the parameters with the MADE from its input and applies the spline *inverse*. Wrapped in
@@ -45,6 +49,7 @@ from nflows.transforms.splines import rational_quadratic as nflows_rq
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from . import native
 from .errors import FlowsError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +65,16 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 def _softplus_inverse(y: float) -> float:
     """softplus⁻¹(y); with bias softplus⁻¹(1 − ε) the affine scale and spline slopes start at 1."""
     return float(np.log(np.expm1(y)))
+
+
+def _softmax_last(x: Tensor) -> Tensor:
+    """Softmax over a short last dimension (the spline's bins).
+
+    Written out because ATen's CPU softmax over a last dimension of ~8 elements is ~6x slower
+    (forward) than these three elementwise kernels, and it dominated a training step.
+    """
+    e = torch.exp(x - x.amax(dim=-1, keepdim=True).detach())
+    return e / e.sum(dim=-1, keepdim=True)
 
 
 def rq_spline_linear_tails(inputs: Tensor, unnormalized_widths: Tensor, unnormalized_heights: Tensor,
@@ -87,7 +102,7 @@ def rq_spline_linear_tails(inputs: Tensor, unnormalized_widths: Tensor, unnormal
     derivatives = min_derivative + F.softplus(torch.cat([edge, unnormalized_derivatives, edge], dim=-1))
 
     def knots(unnormalized: Tensor, min_size: float) -> tuple[Tensor, Tensor]:
-        sizes = min_size + (1 - min_size * num_bins) * F.softmax(unnormalized, dim=-1)
+        sizes = min_size + (1 - min_size * num_bins) * _softmax_last(unnormalized)
         cum = torch.cumsum(sizes, dim=-1)[..., :-1]
         lo = cum.new_full((*cum.shape[:-1], 1), -bound)
         hi = cum.new_full((*cum.shape[:-1], 1), bound)
@@ -134,12 +149,13 @@ def rq_spline_linear_tails(inputs: Tensor, unnormalized_widths: Tensor, unnormal
 
 
 class MaskedLinear(nflows_made.MaskedLinear):
-    """nflows' masked linear layer with a cache of ``weight * mask`` for inference.
+    """nflows' masked linear layer with a cache of ``weight * mask`` for inference and frozen layers.
 
-    The cache is used only while gradients are disabled (``torch.no_grad``/``torch.inference_mode``)
-    and is rebuilt whenever the weight or mask changes (tracked by their version counters, which
-    optimiser steps and ``load_state_dict`` bump), or the device, dtype or inference mode changes.
-    Training (gradients on) always recomputes the product, as nflows does.
+    The cache is used while gradients are disabled (``torch.no_grad``/``torch.inference_mode``) or the
+    weight does not require them (a frozen teacher, which distillation differentiates through), and is
+    rebuilt whenever the weight or mask changes (tracked by their version counters, which optimiser
+    steps and ``load_state_dict`` bump), or the device, dtype or inference mode changes. Training
+    (gradients on, weight trainable) always recomputes the product, as nflows does.
 
     Args:
         in_degrees: MADE degrees of the inputs.
@@ -158,8 +174,8 @@ class MaskedLinear(nflows_made.MaskedLinear):
         self._cache_key: tuple | None = None
 
     def masked_weight(self) -> Tensor:
-        """``weight * mask``, from the cache when gradients are off."""
-        if torch.is_grad_enabled() or not self.cache_enabled:
+        """``weight * mask``, from the cache when gradients are off or the weight is frozen."""
+        if not self.cache_enabled or (torch.is_grad_enabled() and self.weight.requires_grad):
             return self.weight * self.mask
         key = (self.weight._version, self.mask._version, self.weight.data_ptr(), self.weight.device,
                self.weight.dtype, torch.is_inference_mode_enabled())
@@ -282,6 +298,9 @@ class RQSAutoregressiveTransform(_MADETransform):
 
     #: True: nflows' own (boolean-indexed) spline; False (default): :func:`rq_spline_linear_tails`.
     use_nflows_spline = False
+    #: True (default): the compiled spline with its analytic backward (:func:`flows.native.rq_spline_native`)
+    #: wherever it can run (CPU float32/float64, supported bins); False: the torch spline always.
+    use_native_spline = True
 
     def __init__(self, features: int, hidden_features: int, context_features: int = 0,
                  n_hidden_layers: int = 1, num_bins: int = 8, tail_bound: float = 14.0,
@@ -304,6 +323,9 @@ class RQSAutoregressiveTransform(_MADETransform):
 
     def _spline(self, inputs: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         p = params.reshape(inputs.shape[0], inputs.shape[1], self._output_dim_multiplier())
+        if self.use_native_spline and not self.use_nflows_spline and native.train_spline_supports(inputs, p):
+            return native.rq_spline_native(inputs, p, inverse, self.tail_bound, self.min_bin_width,
+                                           self.min_bin_height, self.min_derivative)
         nb = self.num_bins
         spline = nflows_rq.unconstrained_rational_quadratic_spline if self.use_nflows_spline else rq_spline_linear_tails
         kwargs = {"tails": "linear"} if self.use_nflows_spline else {}

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write_text", "atomic_write_json", "current_umask"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write_text", "atomic_write_json", "current_umask",
+           "remove_stale_temporaries"]
+
+logger = logging.getLogger(__name__)
 
 
 def current_umask() -> int:
@@ -48,7 +53,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -75,11 +81,14 @@ def atomic_dir(path: str | os.PathLike[str], tag: str = "tmp") -> Iterator[Path]
 
     Args:
         path: the directory to create or replace.
-        tag: part of the temporary name (``.<name>.<tag>-<random>``), to tell who left it.
+        tag: part of the temporary name (``.<name>.<tag>-<host>-<pid>-<random>``), to tell who left it;
+            what a killed process left under that name is removed by the next call
+            (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(path, tag)
+    tmp = path.parent / f".{path.name}.{tag}-{_owner()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # honours the umask (tempfile.mkdtemp would make it 0700)
     try:
         yield tmp
@@ -90,13 +99,67 @@ def atomic_dir(path: str | os.PathLike[str], tag: str = "tmp") -> Iterator[Path]
             except OSError:
                 if not path.exists():
                     raise
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        old = path.parent / f".{path.name}.old-{_owner()}-{uuid.uuid4().hex[:8]}"
         os.rename(path, old)
         os.rename(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _owner() -> str:
+    """``<host>-<pid>``: who made a temporary path, so that a later run can tell when it is stale."""
+    host = "".join(c if c.isalnum() or c in "._" else "_" for c in socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str], tag: str | None = None) -> list[Path]:
+    """Remove what a killed writer of ``path`` left beside it: temporary files of :func:`atomic_path`
+    (``tag`` None) or directories of :func:`atomic_dir` with ``tag`` (and trees it had moved aside).
+
+    Only names of this module's making whose process ran on this host and is gone are removed, so a
+    writer still at work (here or on another machine) keeps its temporary path.
+
+    Returns:
+        The paths removed.
+    """
+    path = Path(path)
+    if tag is None:
+        patterns = [(f".{path.name}.", ".tmp")]
+    else:
+        patterns = [(f".{path.name}.{tag}-", ""), (f".{path.name}.old-", "")]
+    host = _owner().rsplit("-", 1)[0]
+    removed: list[Path] = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for candidate in siblings:
+        for prefix, suffix in patterns:
+            name = candidate.name
+            if not (name.startswith(prefix) and name.endswith(suffix)):
+                continue
+            parts = name[len(prefix):len(name) - len(suffix)].rsplit("-", 2)
+            if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
+                continue
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
+            logger.info("removed %s, left by an interrupted run", candidate)
+            removed.append(candidate)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from ..errors import CalodistillError
-from ..stages.bench import DEFAULT_GEOMETRY, SECTIONS, run_bench
+from ..outputs import check_output_file
+from ..stages.bench import DEFAULT_GEOMETRY, PRESETS, SECTIONS, run_bench
 
 __all__ = ["configure_parser", "run_cli"]
 
@@ -33,8 +34,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from ..data.geometry import GEOMETRY_NAMES
 
     parser.add_argument("--geometry", default=None,
-                        help=f"one of {', '.join(GEOMETRY_NAMES)} (default {DEFAULT_GEOMETRY}, or that of "
-                             "the --model-dir models)")
+                        metavar="NAME_OR_FILE",
+                        help=f"one of {', '.join(GEOMETRY_NAMES)} or a geometry YAML (default {DEFAULT_GEOMETRY}, "
+                             "or that of the --model-dir models)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE.json", help="write the results as JSON")
     parser.add_argument("--markdown", type=Path, default=None, metavar="FILE.md", help="also write the table")
@@ -55,6 +57,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="Dask scheduler for ingest (default: a LocalCluster; 'threads': in-process)")
     parser.add_argument("--train-steps", type=int, default=5, help="timed optimiser steps per model")
     parser.add_argument("--seed", type=int, default=0, help="seed of models and inputs")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="sizes and training batches of a named set-up (quickstart: dags/quickstart.yaml's models)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out / --markdown if they exist")
 
 
 def _parse_batches(text: str | None) -> list[int] | None:
@@ -68,12 +73,17 @@ def _parse_batches(text: str | None) -> list[int] | None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``calodistill bench``: print the markdown table, write JSON (and markdown) if asked."""
+    # the outputs are checked before the benchmark runs, not after minutes of measuring
+    if args.out is not None:
+        check_output_file(args.out, overwrite=args.overwrite, option="--out")
+    if args.markdown is not None:
+        check_output_file(args.markdown, overwrite=args.overwrite, option="--markdown")
     result = run_bench(
         geometry=args.geometry or (None if args.model_dir else DEFAULT_GEOMETRY), device=args.device, batches=_parse_batches(args.batches),
         budget_s=args.budget_s, repeats=args.repeats, warmup=args.warmup, model_dirs=args.model_dir,
         sections=[s.strip() for s in args.sections.split(",") if s.strip()], ingest_n=args.ingest_n,
         ingest_scheduler=args.ingest_scheduler, train_steps=args.train_steps, chunk_size=args.chunk_size,
-        threads=args.threads, quick=args.quick, seed=args.seed,
+        threads=args.threads, quick=args.quick, seed=args.seed, preset=args.preset,
     )
     print(result["markdown"])
     if args.out is not None:

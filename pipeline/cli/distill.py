@@ -21,8 +21,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Distil the IAF student from a trained MAF teacher (CaloFlow II): x-pass and z-pass squared errors, "
         "fully guided through every block, KL(student || teacher) picks the epoch. Writes STUDENT_DIR, "
-        "self-contained for generation (preprocessing.json, flow1.pt, student.pt, metrics.json, checkpoints/); "
-        "running it again resumes. Settings: defaults < --config FILE < --set key=value."
+        "self-contained for generation (preprocessing.json, flow1.pt, student.pt, metrics.json, provenance.json, "
+        "checkpoints/); running it again with the same teacher, data and settings resumes, with others it is "
+        "refused (--overwrite starts over). Settings: defaults < --config FILE < --set key=value."
     )
     parser.epilog = (
         "Example:\n  calodistill distill --teacher models/teacher --data data/calogan --out models/student \\\n"
@@ -37,7 +38,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``calodistill distill``; print the likelihood and sample comparisons."""
     cfg = config_from_args(DistillStageConfig, args)
-    metrics = distill_student(args.teacher, args.data, args.out, cfg, device=args.device)
+    metrics = distill_student(args.teacher, args.data, args.out, cfg, device=args.device, overwrite=args.overwrite)
     print_metrics(
         f"student written to {args.out}",
         metrics,

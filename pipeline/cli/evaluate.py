@@ -7,12 +7,21 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_dir
 from ..errors import CalodistillError
 from ..metrics.observables import DEFAULT_THRESHOLD_MEV
 from ..metrics.timing import DEFAULT_TIMING_BATCHES
+from ..outputs import check_output_dir, removing_created_parents
 from ..stages.evaluate import evaluate_showers
 
 __all__ = ["configure_parser", "run_cli"]
+
+#: What ``evaluate`` writes into --out: a directory holding only these may be replaced (--overwrite).
+EVALUATION_OUTPUTS = frozenset({"metrics.json", "details.json", "report.md", "plots"})
+
+
+def _is_evaluation_dir(path: Path) -> bool:
+    return all(p.name in EVALUATION_OUTPUTS or p.name.startswith(".") for p in path.iterdir())
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +44,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--teacher", help="teacher model directory (likelihoods, timing)")
     parser.add_argument("--student", help="student model directory (likelihoods, KL, timing)")
-    parser.add_argument("--geometry", help="geometry name when the files do not say")
+    parser.add_argument("--geometry", metavar="NAME_OR_FILE",
+                        help="preset name, geometry YAML or binning XML, when the files do not say")
     parser.add_argument("--sample-missing", action=argparse.BooleanOptionalAction, default=True,
                         help="sample teacher/student showers from --teacher/--student when no file of that label "
                         "is given (default: yes)")
@@ -55,6 +65,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda when present)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing evaluation in --out")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -64,10 +75,30 @@ def run_cli(args: argparse.Namespace) -> int:
         classifier["max_epochs"] = args.classifier_epochs
     if args.max_showers is not None and args.max_showers < 2:
         raise CalodistillError(f"--max-showers: at least 2 expected, got {args.max_showers}")
-    metrics = evaluate_showers(
+    for option, value in (("--energy-bins", args.energy_bins), ("--model-samples", args.model_samples)):
+        if value < 1:
+            raise CalodistillError(f"{option}: at least 1 expected, got {value}")
+    if any(b < 1 for b in args.timing_batches or ()):
+        raise CalodistillError(f"--timing-batches: positive batch sizes expected, got {args.timing_batches}")
+    out = check_output_dir(args.out, overwrite=args.overwrite, replaceable=_is_evaluation_dir,
+                           what="an evaluation directory")
+    # written beside --out and renamed into place: a failed evaluation leaves nothing, not an empty --out
+    with removing_created_parents(out), atomic_dir(out, "evaluate") as tmp:
+        metrics = _evaluate(args, classifier, tmp)
+    keys = [k for k in metrics if k.startswith(("auc_", "sep_max_", "nll_teacher", "nll_student", "kl_student_teacher"))
+            and "_ebin" not in k]
+    width = max((len(k) for k in keys), default=10)
+    for k in keys:
+        print(f"{k:<{width}}  {metrics[k]:.4f}")
+    print(f"written: {out / 'metrics.json'}, {out / 'report.md'}, {out / 'plots'}/")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, classifier: dict[str, Any], out: Path) -> dict[str, float]:
+    return evaluate_showers(
         Path(args.reference),
         list(args.generated),
-        Path(args.out),
+        out,
         teacher_dir=args.teacher,
         student_dir=args.student,
         classifier=classifier,
@@ -84,10 +115,3 @@ def run_cli(args: argparse.Namespace) -> int:
         plots=not args.no_plots,
         classifier_equal_sizes=not args.classifier_all_showers,
     )
-    keys = [k for k in metrics if k.startswith(("auc_", "sep_max_", "nll_teacher", "nll_student", "kl_student_teacher"))
-            and "_ebin" not in k]
-    width = max((len(k) for k in keys), default=10)
-    for k in keys:
-        print(f"{k:<{width}}  {metrics[k]:.4f}")
-    print(f"written: {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'report.md'}, {Path(args.out) / 'plots'}/")
-    return 0

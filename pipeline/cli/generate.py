@@ -34,13 +34,40 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=100_000, help="showers per partition (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--allow-extrapolation", action="store_true",
+                        help="generate at energies outside the model's training range (with a warning)")
+    parser.add_argument("--geometry", default=None, metavar="NAME_OR_FILE",
+                        help="refuse a model trained on another geometry (preset name, geometry YAML or binning XML); "
+                             "the model carries its own, so this is only a check")
+
+
+def _check_geometry(model: str, geometry: str, tracking_uri: str | None) -> None:
+    import tempfile
+
+    from ..data.bundle import ModelBundle
+    from ..data.geometry import get_geometry
+
+    geo = get_geometry(geometry)
+    with tempfile.TemporaryDirectory(prefix="calodistill-check-") as tmp:
+        ModelBundle.open(model, tracking_uri=tracking_uri, cache_dir=Path(tmp)).check_geometry(geo, f"--geometry {geometry}")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """``calodistill generate``."""
+    if args.geometry:
+        _check_geometry(args.model, args.geometry, args.tracking_uri)
     res = generate_showers_file(args.model, args.n, args.energies, args.out, batch_size=args.batch_size,
                                 device=args.device, scheduler=args.scheduler, seed=args.seed,
-                                shard_size=args.shard_size, tracking_uri=args.tracking_uri)
-    print(f"wrote {res['n']} showers ({res['geometry']}, {res['model_kind']}, {res['device']}) to {res['out']}: "
-          f"{res['sample_ms_per_shower']:.4f} ms per shower sampling")
+                                shard_size=args.shard_size, tracking_uri=args.tracking_uri,
+                                overwrite=args.overwrite, allow_extrapolation=args.allow_extrapolation)
+    head = f"wrote {res['n']} showers ({res['geometry']}, {res['model_kind']}, {res['device']}) to {res['out']}"
+    reused = res["n"] - res["n_sampled"]
+    if not res["n_sampled"]:
+        print(f"{head}: every shard reused from an interrupted run, sampling not timed")
+    elif reused:
+        print(f"{head}: {res['sample_ms_per_shower']:.4f} ms per shower sampling (timed on the {res['n_sampled']} "
+              f"sampled now; {reused} reused from an interrupted run)")
+    else:
+        print(f"{head}: {res['sample_ms_per_shower']:.4f} ms per shower sampling")
     return 0

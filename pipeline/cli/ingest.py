@@ -15,20 +15,24 @@ __all__ = ["configure_parser", "run_cli"]
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``calodistill ingest``."""
     parser.description = (
-        "Ingest shower files (CaloGAN HDF5, CaloChallenge HDF5, CSV, Parquet) or synthetic sources into a "
-        "partitioned Parquet dataset with a deterministic train/val/test split, on Dask. Every source is "
-        "validated; on any error nothing is left behind."
+        "Ingest shower files (CaloGAN HDF5, CaloChallenge HDF5, ROOT through uproot, CSV, Parquet, other HDF5 "
+        "through a column mapping) or synthetic sources into a partitioned Parquet dataset with a deterministic "
+        "train/val/test split, on Dask (files and row ranges read in parallel). Every source is validated; on "
+        "any error nothing is left behind. The geometry is stored with the dataset: later commands need no flag."
     )
     parser.epilog = (
         "Examples:\n"
         "  calodistill ingest showers.h5 --out data/calogan\n"
         "  calodistill ingest 'synth:calogan?n=100000&seed=1' --out data/synth --overwrite\n"
         "  calodistill ingest a.h5 b.h5 --out data/ds2 --geometry calochallenge-2 --scheduler tcp://HOST:8786\n"
-        "  calodistill ingest table.csv --out data/t --columns incident_energy=E,energy_unit=GeV,voxels=cell_*"
+        "  calodistill ingest table.csv --out data/t --columns incident_energy=E,energy_unit=GeV,voxels=cell_*\n"
+        "  calodistill ingest 'runs/*.root:h' --out data/mine --geometry geometry.yaml --columns columns.yaml"
     )
-    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="shower file or synth:GEOMETRY?n=N&seed=S")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="shower file or glob (file.root or file.root:TREE for ROOT), or synth:GEOMETRY?n=N&seed=S")
     parser.add_argument("--out", required=True, type=Path, metavar="DATASET_DIR", help="dataset directory to create")
-    parser.add_argument("--geometry", default=None, help="geometry name (default: inferred from each source)")
+    parser.add_argument("--geometry", default=None, metavar="NAME_OR_FILE",
+                        help="preset name, geometry YAML or binning XML (default: recorded in or inferred from each source)")
     parser.add_argument(
         "--scheduler", default=None, metavar="ADDR",
         help="Dask scheduler address (tcp://HOST:8786), or 'threads' to run in-process (default: a LocalCluster)",
@@ -40,8 +44,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--partition-mb", type=float, default=100.0, metavar="MB", help="uncompressed MB per file")
     parser.add_argument(
-        "--columns", default=None, metavar="KEY=VALUE,...",
-        help="CSV/Parquet columns: incident_energy=, energy_unit=MeV|GeV, voxels=NAME or PREFIX*, particle=, event_id=",
+        "--columns", default=None, metavar="FILE|KEY=VALUE,...",
+        help="column mapping (a YAML file, or key=value pairs): tree, incident_energy, energy_unit, voxels (NAME or "
+             "PREFIX*), voxel_unit, voxel_encoding, empty_value, particle, particle_codes, event_id, filter",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -5,8 +5,10 @@ Each subcommand has a small module of arguments in this package, ``cli/<command>
 and ``run_cli(args: argparse.Namespace) -> int`` (the exit status). Modules are imported only when
 their subcommand runs, so ``calodistill --help`` stays fast.
 
-Errors: a :class:`pipeline.errors.CalodistillError` (bad input, unknown names, refused overwrites) and
-the flows' training errors are printed as one line ``calodistill: error: ...`` with exit status 2.
+Errors: a :class:`pipeline.errors.CalodistillError` (bad input, unknown names, refused overwrites), the
+flows' training errors and file-system errors (``OSError``: permission denied, a file where a directory
+was expected) are printed as one line ``calodistill: error: ...`` with exit status 2 (``-v`` also logs
+the traceback).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
-__all__ = ["main", "SUBCOMMANDS"]
+__all__ = ["main", "os_error_message", "SUBCOMMANDS"]
 
 # name -> (module, one-line summary shown by `calodistill --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -35,8 +38,17 @@ class _LazyHelpFormatter(argparse.RawDescriptionHelpFormatter):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("calodistill").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"calodistill: error: {where}{_one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def _build_parser(selected: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="calodistill",
         description="Fast surrogate calorimeter simulators: MAF teacher, IAF student, Dask + MLflow pipeline.",
         epilog="Example: calodistill run dags/quickstart.yaml",
@@ -53,6 +65,19 @@ def _build_parser(selected: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def os_error_message(exc: OSError) -> str:
+    """An :class:`OSError` as one line naming the file(s): ``/data/out: Permission denied``."""
+    reason = exc.strerror or _one_line(str(exc)) or type(exc).__name__
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    if not names:
+        return _one_line(reason)
+    return _one_line(f"{' -> '.join(names)}: {reason}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``calodistill`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -62,19 +87,21 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 1
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from .console import configure_console
+
+    configure_console(verbose=args.verbose, command=args.command)
     from ...flows.errors import FlowsError
     from ..errors import CalodistillError
 
     try:
         return int(args._module.run_cli(args) or 0)
     except (CalodistillError, FlowsError) as exc:
-        msg = " ".join(str(exc).split())
-        print(f"calodistill: error: {msg}", file=sys.stderr)
+        logging.getLogger(__name__).debug("error", exc_info=True)
+        print(f"calodistill: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file system refusal the checks did not foresee: name the file, no traceback
+        logging.getLogger(__name__).debug("error", exc_info=True)
+        print(f"calodistill: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("calodistill: interrupted", file=sys.stderr)

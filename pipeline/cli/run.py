@@ -23,11 +23,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "  calodistill run dags/quickstart.yaml\n"
         "  calodistill run dags/quickstart.yaml --set train_teacher.epochs=2 --set ingest.split_seed=1\n"
         "  calodistill run dags/calochallenge_ds1_photons.yaml --scheduler tcp://gpu-node:8786\n"
+        "  calodistill run dags/calochallenge_ds1_photons.yaml --cluster slurm.yaml   (cluster: {jobqueue: ...})\n"
         "Browse the results: mlflow ui --backend-store-uri sqlite:///mlflow.db"
     )
     parser.add_argument("dag", type=Path, help="the pipeline DAG YAML file")
     parser.add_argument("--scheduler", default=None, metavar="ADDR",
-                        help="Dask scheduler address (tcp://HOST:8786); default: a LocalCluster")
+                        help="Dask scheduler address (tcp://HOST:8786); default: the DAG's cluster: section")
+    parser.add_argument("--cluster", type=Path, default=None, metavar="FILE",
+                        help="YAML file with a cluster: section (local, address or jobqueue: SLURM, PBS, LSF, SGE); "
+                             "wins over the DAG's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                         help="override a stage parameter (value parsed as YAML); repeatable")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
@@ -61,5 +65,5 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def _run_from_args(args: argparse.Namespace) -> RunSummary:
     return run_pipeline(args.dag, scheduler=args.scheduler, overrides=tuple(args.overrides),
-                           run_root=args.runs_dir, tracking_uri=args.tracking_uri, force=tuple(args.force),
-                           track=not args.no_tracking)
+                        run_root=args.runs_dir, tracking_uri=args.tracking_uri, force=tuple(args.force),
+                        track=not args.no_tracking, cluster=args.cluster)

@@ -18,12 +18,14 @@ T = TypeVar("T")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config FILE``, ``--set key=value`` (repeatable), ``--device``, ``--quiet``."""
+    """``--config FILE``, ``--set key=value`` (repeatable), ``--device``, ``--quiet``, ``--overwrite``."""
     parser.add_argument("--config", type=Path, metavar="FILE", help="YAML or JSON file of settings (nested or dotted keys)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, value parsed as YAML, e.g. --set teacher.train.lr=1e-3 (repeatable)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: CUDA when present")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an existing model directory instead of resuming the run there")
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
@@ -48,8 +50,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Fit the CaloFlow preprocessing, then train Flow I (layer energies | incident energy) and the MAF "
         "teacher (voxels | incident and layer energies) by maximum likelihood. Writes MODEL_DIR "
-        "(preprocessing.json, flow1.pt, teacher.pt, metrics.json, checkpoints/); running it again on the "
-        "same MODEL_DIR resumes an interrupted run. Settings: defaults < --config FILE < --set key=value."
+        "(preprocessing.json, flow1.pt, teacher.pt, metrics.json, provenance.json, checkpoints/); running it "
+        "again on the same MODEL_DIR with the same data and settings resumes an interrupted run, with others "
+        "it is refused (--overwrite starts over). Settings: defaults < --config FILE < --set key=value."
     )
     parser.epilog = (
         "Example:\n  calodistill train-teacher --data data/calogan --out models/teacher \\\n"
@@ -63,7 +66,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``calodistill train-teacher``; print the test metrics."""
     cfg = config_from_args(TeacherTrainConfig, args)
-    metrics = train_teacher(args.data, args.out, cfg, device=args.device)
+    metrics = train_teacher(args.data, args.out, cfg, device=args.device, overwrite=args.overwrite)
     print_metrics(
         f"teacher written to {args.out}",
         metrics,

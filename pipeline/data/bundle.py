@@ -5,7 +5,8 @@ A model directory (written by the train-teacher and distill stages) holds ``prep
 :meth:`ModelBundle.open` finds it (:func:`~calodistill.pipeline.data.store.resolve_model_dir`: a directory,
 a logged MLflow pyfunc directory or an MLflow model URI), reads its JSON files once and loads each flow on
 first use with ``torch.load(weights_only=True)``. generate, evaluate, bench, the MLflow pyfunc and the
-notebooks open models here.
+notebooks open models here. The geometry a model was trained on travels with it (the whole geometry
+record in ``provenance.json``); :meth:`ModelBundle.check_geometry` refuses data on another one.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ KINDS: tuple[str, ...] = ("student", "teacher")
 FLOW2_FILES: dict[str, str] = {"student": STUDENT_FILE, "teacher": TEACHER_FILE}
 _FLOW2_CLASS: dict[str, type] = {"student": IAF, "teacher": MAF}
 #: JSON records that are the model's provenance (what the stage that wrote it records).
-PROVENANCE_FILES: tuple[str, ...] = ("train_config.json", "distill_config.json", "metrics.json")
+PROVENANCE_FILES: tuple[str, ...] = ("provenance.json", "train_config.json", "distill_config.json", "metrics.json")
+#: The files sampling depends on (what :attr:`ModelBundle.weights_digest` hashes).
+WEIGHTS_FILES: tuple[str, ...] = (PREPROCESSING_FILE, FLOW1_FILE, TEACHER_FILE, STUDENT_FILE)
 
 
 def _one_line(exc: Exception) -> str:
@@ -144,24 +147,55 @@ class ModelBundle:
 
     @property
     def geometry(self) -> Geometry:
-        """The geometry recorded in a JSON file of the directory, else the one with this many voxels."""
+        """The geometry recorded in a JSON file of the directory (a whole geometry record, or a preset's
+        name), else the preset with this many voxels."""
         if self._geometry is None:
             self._geometry = self._recorded_geometry() or infer_geometry(self.n_voxels, source=str(self.path))
         return self._geometry
 
+    def _voxel_count(self) -> int | None:
+        if self._preprocessing is not None:
+            return self.n_voxels
+        flow2 = self.path / FLOW2_FILES[self.kind]
+        return int(self.flow2.config.features) if flow2.is_file() else None
+
     def _recorded_geometry(self) -> Geometry | None:
-        for data in self.records.values():
+        """A whole geometry record first, else a preset named in a record; None when none fits."""
+        n_voxels = self._voxel_count()
+        found: list[Geometry] = []
+        for key, data in self.records.items():
             geo = data.get("geometry") if isinstance(data, dict) else None
-            name = geo.get("name") if isinstance(geo, dict) else geo
-            if not isinstance(name, str):
-                continue
             try:
-                g = get_geometry(name)
+                if isinstance(geo, dict) and "layers" in geo:
+                    found.insert(0, Geometry.from_dict(geo, str(self.path / key)))
+                elif isinstance(geo, dict) and isinstance(geo.get("name"), str):
+                    found.append(get_geometry(geo["name"]))
+                elif isinstance(geo, str) and geo:
+                    found.append(get_geometry(geo))
             except CalodistillError:
                 continue
-            if g.n_voxels == self.n_voxels:
-                return g
-        return None
+        return next((g for g in found if n_voxels is None or g.n_voxels == n_voxels), None)
+
+    def check_geometry(self, geometry: Geometry, what: str) -> None:
+        """Refuse ``what`` on ``geometry`` when this model was trained on another geometry (one line).
+
+        Models that record no geometry are checked by their voxels per layer (or in all).
+        """
+        recorded = self._recorded_geometry()
+        if recorded is not None:
+            if recorded.same_cells(geometry):
+                return
+            mine = recorded.describe()
+        else:
+            sizes = self.layer_sizes if self._preprocessing is not None else None
+            if sizes is not None and list(sizes) == list(geometry.layer_sizes):
+                return
+            count = self._voxel_count()
+            if sizes is None and (count is None or count == geometry.n_voxels):
+                return
+            mine = f"layers of {sizes} voxels" if sizes is not None else f"{count} voxels"
+        raise CalodistillError(f"{what} is on geometry {geometry.describe()}, but model {self.path} was trained on "
+                               f"{mine}: a model only generates the geometry it was trained on")
 
     @property
     def particle(self) -> str:
@@ -173,7 +207,8 @@ class ModelBundle:
 
     @property
     def energy_range(self) -> tuple[float, float] | None:
-        """Incident-energy range (MeV) of the training data, if a record has ``incident_energy_range``."""
+        """Incident-energy range (MeV) of the training data, if a record has ``incident_energy_range``
+        (``provenance.json``, written by the train-teacher and distill stages)."""
         for data in self.records.values():
             rng = data.get("incident_energy_range") if isinstance(data, dict) else None
             if isinstance(rng, list | tuple) and len(rng) == 2:
@@ -182,8 +217,9 @@ class ModelBundle:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        """What the stage that wrote the model recorded: ``train_config``, ``distill_config``, ``metrics``
-        (those present), and ``dataset_digest`` when a record has one."""
+        """What the stage that wrote the model recorded: ``provenance`` (dataset and teacher digests,
+        settings, training energy range), ``train_config``, ``distill_config``, ``metrics`` (those
+        present), and ``dataset_digest`` when a record has one."""
         out = {name.removesuffix(".json"): self.records[name] for name in PROVENANCE_FILES if name in self.records}
         for data in self.records.values():
             digest = (data.get("dataset_digest") or data.get("dataset_hash")) if isinstance(data, dict) else None
@@ -207,6 +243,21 @@ class ModelBundle:
                 h.update(p.read_bytes())
             self._digest = h.hexdigest()[:16]
         return self._digest
+
+    @property
+    def weights_digest(self) -> str:
+        """Content hash (16 hex digits) of the preprocessing and the flow files only.
+
+        What a student records of its teacher: records such as ``metrics.json`` change when a finished
+        run is repeated, the model does not.
+        """
+        h = hashlib.sha256()
+        for name in WEIGHTS_FILES:
+            p = self.path / name
+            if p.is_file():
+                h.update(name.encode())
+                h.update(p.read_bytes())
+        return h.hexdigest()[:16]
 
     # ------------------------------------------------------------------------------------- the flows
     @property

@@ -1,7 +1,8 @@
 """Sampling calorimeters for the GFLASH generator: materials, the effective medium and each geometry's preset.
 
 Material constants are PDG values (Atomic and nuclear properties of materials: X0, E_c, R_M, dE/dx_min);
-the presets (:func:`calorimeter_for`) follow the detectors the geometries come from.
+the presets (:func:`calorimeter_for`) follow the detectors the geometries come from. A geometry file's
+``material`` (:class:`~.geometry.Medium`) gives an :class:`EffectiveCalorimeter` instead.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CalodistillError
-from .geometry import Geometry, get_geometry
+from .geometry import Geometry, Medium, get_geometry
 
-__all__ = ["Material", "SamplingCalorimeter", "calorimeter_for"]
+__all__ = ["EffectiveCalorimeter", "Material", "SamplingCalorimeter", "calorimeter_for"]
 
 _ES_MEV = 21.2  # multiple-scattering energy scale E_s
 
@@ -163,6 +164,68 @@ class SamplingCalorimeter:
         return self.d_absorber / self.absorber.x0_mm + self.d_active / self.active.x0_mm
 
 
+@dataclass(frozen=True)
+class EffectiveCalorimeter:
+    """A detector given directly by its effective medium (a geometry file's ``material``).
+
+    It offers what GFLASH reads from a :class:`SamplingCalorimeter`. A homogeneous detector
+    (``sampling_fraction`` 1) has ``"total"`` readout; otherwise the visible energy is read
+    (``"visible"``), with sampling fluctuations ``c_S`` = ``sampling_term``. Without the two materials
+    GFLASH's sampling corrections of the profile means are not defined: they are left out (``ê`` = 1,
+    ``1/F_S`` = 0), so the profiles are those of the effective medium.
+
+    Args:
+        medium: the declared medium and layer depths.
+        max_slice_x0: longest depth slice over which the radial profile is taken as constant.
+        spot_scale: multiplies the GFLASH number of spots.
+    """
+
+    medium: Medium
+    max_slice_x0: float = 1.0
+    spot_scale: float = 1.0
+
+    @property
+    def segments_x0(self) -> tuple[tuple[float, float], ...]:
+        x0 = self.medium.x0_mm
+        return tuple((a / x0, b / x0) for a, b in self.medium.segments_mm)
+
+    @property
+    def readout(self) -> str:
+        return "total" if self.medium.sampling_fraction >= 1.0 else "visible"
+
+    @property
+    def sampling_term(self) -> float:
+        return self.medium.sampling_term
+
+    @property
+    def z_eff(self) -> float:
+        return self.medium.z
+
+    @property
+    def x0_eff_mm(self) -> float:
+        return self.medium.x0_mm
+
+    @property
+    def critical_energy_eff(self) -> float:
+        return self.medium.critical_energy_mev
+
+    @property
+    def moliere_eff_mm(self) -> float:
+        return self.medium.moliere_mm
+
+    @property
+    def f_s(self) -> float:
+        return float("inf")
+
+    @property
+    def e_hat(self) -> float:
+        return 1.0
+
+    @property
+    def sampling_fraction(self) -> float:
+        return self.medium.sampling_fraction
+
+
 def _calogan_calorimeter() -> SamplingCalorimeter:
     x0 = SamplingCalorimeter(LEAD, LIQUID_ARGON, 2.0, 4.0, ((0.0, 1.0),)).x0_eff_mm
     bounds = np.cumsum([0.0, 90.0, 347.0, 43.0]) / x0
@@ -191,8 +254,8 @@ def _siw_calorimeter(geometry: Geometry) -> SamplingCalorimeter:
     return SamplingCalorimeter(TUNGSTEN, SILICON, 1.4, 0.3, segs, readout="visible", sampling_term=0.17)
 
 
-def calorimeter_for(geometry: Geometry | str) -> SamplingCalorimeter:
-    """The sampling-calorimeter preset of a registered geometry.
+def calorimeter_for(geometry: Geometry | str) -> SamplingCalorimeter | EffectiveCalorimeter:
+    """The calorimeter of a geometry: its declared medium (geometry files), else the preset of a registered one.
 
     Depths are in ``X0_eff`` from the front face; gaps between segments are dead material whose energy
     is lost.
@@ -209,11 +272,15 @@ def calorimeter_for(geometry: Geometry | str) -> SamplingCalorimeter:
     - ``calochallenge-2`` / ``-3``: each readout layer is 2 × (1.4 mm W + 0.3 mm Si) = 0.806 X0 (45 layers
       = 36.3 X0); visible (silicon) readout, sampling term 17 % (CALICE Si-W ECAL).
     """
-    geo = get_geometry(geometry) if isinstance(geometry, str) else geometry
+    geo = get_geometry(geometry)
+    if geo.medium is not None:
+        return EffectiveCalorimeter(geo.medium)
     if geo.name == "calogan":
         return _calogan_calorimeter()
     if geo.name.startswith("calochallenge-1"):
         return _atlas_calorimeter(geo)
     if geo.name in ("calochallenge-2", "calochallenge-3"):
         return _siw_calorimeter(geo)
-    raise CalodistillError(f"synth: no calorimeter preset for geometry {geo.name!r}")
+    where = f" ({geo.origin})" if geo.origin else ""
+    raise CalodistillError(f"synth: geometry {geo.name!r}{where} declares no material: add a 'material' section "
+                           "(x0_mm, moliere_mm, critical_energy_mev, ...) and each layer's thickness_mm")

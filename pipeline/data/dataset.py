@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import CalodistillError
 from .tables import list_column_to_numpy
-from .geometry import Geometry, get_geometry
+from .geometry import Geometry
 from .showers import Showers
 
 __all__ = ["ShowerDataset", "open_dataset", "dataset_hash", "SPLITS"]
@@ -87,10 +87,8 @@ class ShowerDataset:
         self.path = Path(path)
         self.metadata: dict[str, Any] = _read_metadata(self.path)
         gmeta = self.metadata["geometry"]
-        try:
-            self.geometry: Geometry = get_geometry(gmeta["name"])
-        except CalodistillError as exc:
-            raise CalodistillError(f"{self.path}: {exc}") from None
+        # the whole geometry travels in the metadata: a preset by name, a geometry file's by its layers
+        self.geometry: Geometry = Geometry.from_dict(gmeta, str(self.path / METADATA_FILE))
         if int(gmeta.get("n_voxels", self.geometry.n_voxels)) != self.geometry.n_voxels:
             raise CalodistillError(
                 f"{self.path}: metadata says {gmeta['n_voxels']} voxels, geometry {self.geometry.name} has {self.geometry.n_voxels}"

@@ -8,6 +8,8 @@ concatenation of its layers, each flattened in C order of ``Layer.shape``:
 - CaloChallenge 2022: polar layers read from the binning XML files; shape is ``(n_alpha, n_r)``, i.e. the
   voxel order is (layer, angular bin, radial bin), exactly as in the challenge's HDF5 files. Layers whose
   XML entry has no radial bin (``r_edges="0"``) hold no voxels and are left out.
+- Your own detector: a geometry YAML file (:mod:`.geometry_file`) or a binning XML path, wherever a
+  geometry name is accepted (:func:`get_geometry`). Its :class:`Medium` carries what synth needs.
 
 References:
     M. Paganini, L. de Oliveira, B. Nachman, "CaloGAN", arXiv:1705.02355.
@@ -17,9 +19,12 @@ References:
 from __future__ import annotations
 
 import functools
+import os
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +33,9 @@ from ..errors import CalodistillError
 __all__ = [
     "Layer",
     "Geometry",
+    "Medium",
     "GEOMETRY_NAMES",
+    "GEOMETRY_FILE_SUFFIXES",
     "get_geometry",
     "infer_geometry",
     "geometry_from_xml",
@@ -96,18 +103,60 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class Medium:
+    """The effective medium of a declared detector: what the GFLASH generator (synth) needs.
+
+    Args:
+        x0_mm: radiation length, mm.
+        moliere_mm: Molière radius, mm.
+        critical_energy_mev: critical energy E_c, MeV.
+        segments_mm: per layer (voxel order), the readout depth interval ``(start, end)`` in mm from the
+            front face; gaps between segments are dead material.
+        sampling_fraction: visible fraction of the deposited energy (1: homogeneous, every deposit read).
+        z: effective atomic number (GFLASH's Z).
+        sampling_term: ``c_S`` of ``σ/E = c_S/√(E/GeV)`` (sampling calorimeters; 0 for homogeneous ones).
+    """
+
+    x0_mm: float
+    moliere_mm: float
+    critical_energy_mev: float
+    segments_mm: tuple[tuple[float, float], ...]
+    sampling_fraction: float = 1.0
+    z: float = 0.0
+    sampling_term: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (the inverse of :meth:`from_dict`)."""
+        return {"x0_mm": self.x0_mm, "moliere_mm": self.moliere_mm, "critical_energy_mev": self.critical_energy_mev,
+                "segments_mm": [list(s) for s in self.segments_mm], "sampling_fraction": self.sampling_fraction,
+                "z": self.z, "sampling_term": self.sampling_term}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Medium:
+        """From :meth:`to_dict`'s form."""
+        return cls(float(data["x0_mm"]), float(data["moliere_mm"]), float(data["critical_energy_mev"]),
+                   tuple((float(a), float(b)) for a, b in data["segments_mm"]),
+                   float(data.get("sampling_fraction", 1.0)), float(data.get("z", 0.0)),
+                   float(data.get("sampling_term", 0.0)))
+
+
+@dataclass(frozen=True)
 class Geometry:
     """An ordered set of readout layers and the flat voxel layout built from them.
 
     Args:
-        name: registry name (``calogan``, ``calochallenge-1-photons``, ...).
+        name: registry name (``calogan``, ``calochallenge-1-photons``, ...) or the name a geometry file gives.
         layers: the non-empty layers in voxel order.
         particle: the particle the geometry was defined for (CaloChallenge XML ``name``), if any.
+        medium: the detector's effective medium and layer depths (geometry files with a ``material``).
+        origin: the file the geometry was read from ("" for the presets); not part of its identity.
     """
 
     name: str
     layers: tuple[Layer, ...]
     particle: str = ""
+    medium: Medium | None = None
+    origin: str = field(default="", compare=False)
 
     @property
     def n_layers(self) -> int:
@@ -162,8 +211,8 @@ class Geometry:
         return np.stack([voxels[..., s].sum(axis=-1) for s in self.layer_slices], axis=-1)
 
     def to_dict(self) -> dict:
-        """JSON-serialisable description (stored in dataset metadata)."""
-        return {
+        """JSON-serialisable description (stored in dataset metadata, model directories and files)."""
+        out = {
             "name": self.name,
             "particle": self.particle,
             "n_voxels": self.n_voxels,
@@ -172,6 +221,62 @@ class Geometry:
                 for l in self.layers
             ],
         }
+        if self.medium is not None:
+            out["medium"] = self.medium.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "geometry") -> Geometry:
+        """The geometry :meth:`to_dict` describes; a preset's name with its voxel count gives the preset.
+
+        Raises:
+            CalodistillError: ``"<source>: geometry record: <problem>"`` for a malformed description.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise CalodistillError(f"{source}: geometry record: expected an object with a name")
+        name = data["name"]
+        if name in GEOMETRY_NAMES:
+            preset = get_geometry(name)
+            if int(data.get("n_voxels", preset.n_voxels)) != preset.n_voxels:
+                raise CalodistillError(f"{source}: metadata says {data['n_voxels']} voxels, geometry {name} has {preset.n_voxels}")
+            return preset
+        try:
+            layers = tuple(
+                Layer(int(l["index"]), str(l["kind"]), tuple(float(v) for v in l["edges0"]),
+                      tuple(float(v) for v in l["edges1"]))
+                for l in data["layers"]
+            )
+            medium = Medium.from_dict(data["medium"]) if data.get("medium") is not None else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalodistillError(f"{source}: geometry record {name!r}: malformed ({type(exc).__name__}: {exc})") from None
+        for l in layers:
+            if l.kind not in ("cartesian", "polar") or l.shape[0] < 1 or l.shape[1] < 1:
+                raise CalodistillError(f"{source}: geometry record {name!r}: bad layer {l.index} ({l.kind}, {l.shape})")
+        geo = cls(name, layers, str(data.get("particle") or ""), medium)
+        if "n_voxels" in data and int(data["n_voxels"]) != geo.n_voxels:
+            raise CalodistillError(f"{source}: geometry record {name!r} says {data['n_voxels']} voxels, its layers hold {geo.n_voxels}")
+        return geo
+
+    def same_cells(self, other: Geometry) -> bool:
+        """Whether ``other`` has the same layers and cells (kinds, shapes and edges; names may differ)."""
+        if len(self.layers) != len(other.layers):
+            return False
+        for a, b in zip(self.layers, other.layers):
+            if a.kind != b.kind or a.shape != b.shape:
+                return False
+            if not (np.allclose(a.edges0, b.edges0, rtol=1e-9, atol=1e-9)
+                    and np.allclose(a.edges1, b.edges1, rtol=1e-9, atol=1e-9)):
+                return False
+        return True
+
+    def describe(self) -> str:
+        """One line: name, layer kinds and shapes, voxel count (for error messages)."""
+        shapes = [f"{l.shape[0]}x{l.shape[1]}" for l in self.layers]
+        kinds = "/".join(sorted({l.kind for l in self.layers}))
+        if len(set(shapes)) == 1:
+            return f"{self.name} ({self.n_layers} {kinds} layers of {shapes[0]}, {self.n_voxels} voxels)"
+        shown = ", ".join(shapes) if len(shapes) <= 6 else f"{', '.join(shapes[:5])}, ..."
+        return f"{self.name} ({kinds} layers {shown}, {self.n_voxels} voxels)"
 
 
 def _calogan() -> Geometry:
@@ -219,17 +324,45 @@ _XML_FILES = {
 }
 
 GEOMETRY_NAMES: tuple[str, ...] = ("calogan", *_XML_FILES)
+#: Extensions of geometry files: a geometry YAML (or JSON) spec, or a CaloChallenge binning XML.
+GEOMETRY_FILE_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json", ".xml")
 
 
 @functools.lru_cache(maxsize=None)
-def get_geometry(name: str) -> Geometry:
-    """Return the geometry registered under ``name`` (see :data:`GEOMETRY_NAMES`)."""
+def _preset(name: str) -> Geometry:
     if name == "calogan":
         return _calogan()
-    if name not in _XML_FILES:
-        raise CalodistillError(f"unknown geometry {name!r}; known: {', '.join(GEOMETRY_NAMES)}")
     text = resources.files("calodistill.pipeline.data").joinpath("binning", _XML_FILES[name]).read_text()
     return geometry_from_xml(text, name)
+
+
+def is_geometry_path(text: str) -> bool:
+    """Whether ``text`` names a geometry file rather than a preset (a known suffix or a path separator)."""
+    return text not in GEOMETRY_NAMES and (Path(text).suffix.lower() in GEOMETRY_FILE_SUFFIXES or os.sep in text)
+
+
+def get_geometry(name: str | os.PathLike[str] | Geometry) -> Geometry:
+    """The geometry ``name`` stands for: a preset (:data:`GEOMETRY_NAMES`), a geometry file, or a Geometry.
+
+    A geometry file is a YAML spec (:mod:`.geometry_file`) or a CaloChallenge binning XML; a file is read
+    again when it changes.
+
+    Raises:
+        CalodistillError: an unknown name, or a file that is missing or malformed (one line naming the
+            file, the field and the problem).
+    """
+    if isinstance(name, Geometry):
+        return name
+    text = os.fspath(name)
+    if text in GEOMETRY_NAMES:
+        return _preset(text)
+    if is_geometry_path(text):
+        from .geometry_file import load_geometry_file
+
+        return load_geometry_file(text)
+    raise CalodistillError(
+        f"unknown geometry {text!r}; known: {', '.join(GEOMETRY_NAMES)}, or the path of a geometry .yaml or binning .xml file"
+    )
 
 
 def infer_geometry(n_voxels: int, source: str = "input") -> Geometry:

@@ -20,7 +20,7 @@ import numpy as np
 from scipy.special import gammainc
 
 from ..errors import CalodistillError
-from .calorimeter import SamplingCalorimeter, calorimeter_for
+from .calorimeter import EffectiveCalorimeter, SamplingCalorimeter, calorimeter_for
 from .geometry import Geometry, Layer, get_geometry
 
 __all__ = ["PARTICLES", "simulate"]
@@ -64,8 +64,7 @@ def _polar_fractions(layer: Layer, radii: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _radial_tables(geometry_name: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    geo = get_geometry(geometry_name)
+def _radial_tables(geo: Geometry) -> tuple[np.ndarray, list[np.ndarray]]:
     radii = np.geomspace(_R_MIN_MM, _R_MAX_MM, _N_RADII)
     tables = []
     for layer in geo.layers:
@@ -77,7 +76,7 @@ def _radial_tables(geometry_name: str) -> tuple[np.ndarray, list[np.ndarray]]:
 # ------------------------------------------------------------------------------ the parametrisation
 
 
-def _slices(calo: SamplingCalorimeter) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _slices(calo: SamplingCalorimeter | EffectiveCalorimeter) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Depth slices: lower edges, upper edges (X0) and the geometry layer each belongs to."""
     lo, hi, owner = [], [], []
     for k, (a, b) in enumerate(calo.segments_x0):
@@ -93,7 +92,7 @@ def _sigma(a: float, b: float, lny: np.ndarray) -> np.ndarray:
     return np.minimum(0.5, 1.0 / np.maximum(a + b * lny, 2.0))
 
 
-def _longitudinal(calo: SamplingCalorimeter, energy: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _longitudinal(calo: SamplingCalorimeter | EffectiveCalorimeter, energy: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Per-shower Gamma-profile parameters (energy profile and spot profile).
 
     ``dE/dt = E · Gamma(t; α, β)`` with ``β = (α − 1)/T`` (``t`` in ``X0_eff``). ``(ln T, ln α)`` are drawn
@@ -154,7 +153,7 @@ def _longitudinal(calo: SamplingCalorimeter, energy: np.ndarray, rng: np.random.
     }
 
 
-def _radial_parameters(calo: SamplingCalorimeter, e_gev: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _radial_parameters(calo: SamplingCalorimeter | EffectiveCalorimeter, e_gev: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Core radius, tail radius (Molière radii) and core probability at depth ``tau`` (broadcast).
 
     ``f(r) = p · 2r R_C²/(r² + R_C²)² + (1 − p) · 2r R_T²/(r² + R_T²)²`` with ``R_C(τ) = z1 + z2 τ``,
@@ -189,7 +188,7 @@ def simulate(
     energy_mev: np.ndarray,
     particle: np.ndarray | str,
     rng: np.random.Generator,
-    calorimeter: SamplingCalorimeter | None = None,
+    calorimeter: SamplingCalorimeter | EffectiveCalorimeter | None = None,
     impact_spread_mm: float = 0.0,
 ) -> np.ndarray:
     """GFLASH showers for given incident energies: voxel energies ``(N, n_voxels)`` float32, MeV.
@@ -211,10 +210,11 @@ def simulate(
         energy_mev: ``(N,)`` incident energies, MeV.
         particle: ``"e+"``, ``"e-"`` or ``"gamma"`` (one for all, or ``(N,)``).
         rng: the random generator (the only source of randomness).
-        calorimeter: the sampling calorimeter; default :func:`calorimeter_for` the geometry.
+        calorimeter: the calorimeter; default :func:`calorimeter_for` the geometry (its declared medium or
+            its preset).
         impact_spread_mm: Gaussian spread (σ, mm) of the impact point in x and y; Cartesian layers only.
     """
-    geo = get_geometry(geometry) if isinstance(geometry, str) else geometry
+    geo = get_geometry(geometry)
     calo = calorimeter or calorimeter_for(geo)
     if len(calo.segments_x0) != geo.n_layers:
         raise CalodistillError(f"synth: calorimeter has {len(calo.segments_x0)} segments, geometry {geo.name} {geo.n_layers} layers")
@@ -272,7 +272,7 @@ def simulate(
                 acc += (w * p_core[:, j])[:, None] * fc + (w * (1.0 - p_core[:, j]))[:, None] * ft
             expected[:, sl] = acc
     else:
-        radii, tables = _radial_tables(geo.name)
+        radii, tables = _radial_tables(geo)
         n_r = len(radii)
         log_r0 = math.log(radii[0])
         step = math.log(radii[1]) - log_r0

@@ -10,6 +10,7 @@ leaves nothing behind. The layout, the split and the metadata are described in d
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import hashlib
 import json
 import logging
@@ -27,14 +28,16 @@ from ..atomic import atomic_dir
 from ..errors import CalodistillError
 from .dataset import METADATA_FILE, SPLITS, dataset_hash
 from .formats import open_source
+from .columns import ColumnSpec
 from .geometry import Geometry
+from .root import split_root_path
 from .scheduler import TaskScheduler
 from .showers import Showers
 from .source import Source, resolve_geometry
 from .synth import open_synth_source
-from .tables import PARQUET_METADATA_KEY, ColumnSpec, showers_to_table
+from .tables import PARQUET_METADATA_KEY, showers_to_table
 
-__all__ = ["LAYOUT_VERSION", "ingest_showers", "open_any_source", "split_assignment"]
+__all__ = ["LAYOUT_VERSION", "expand_sources", "ingest_showers", "open_any_source", "split_assignment"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,25 @@ def open_any_source(
     if s.startswith("synth:"):
         return open_synth_source(s, resolve_geometry(geometry, s))
     return open_source(s, geometry, columns)
+
+
+def expand_sources(sources: list[str | os.PathLike[str]]) -> list[str]:
+    """Expand glob patterns (``runs/*.root``, ``data/part-?.root:events``) into sorted file lists.
+
+    ``synth:`` sources and paths that exist as they are pass through unchanged.
+    """
+    out: list[str] = []
+    for source in sources:
+        text = str(source)
+        file, tree = split_root_path(text)
+        if text.startswith("synth:") or not any(c in file for c in "*?[") or Path(file).exists():
+            out.append(text)
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(file)))
+        if not matches:
+            raise CalodistillError(f"{text}: no file matches the pattern")
+        out.extend(f"{m}:{tree}" if tree else m for m in matches)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- tasks
@@ -191,6 +213,29 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise CalodistillError(f"{out_dir}: exists and is not a calodistill dataset; refusing to replace it")
 
 
+def _refuse_duplicate_sources(sources: list[Source]) -> None:
+    """Refuse a source given twice: the same path, or the same bytes (SHA-256, computed only for files of
+    equal size) — its showers would be ingested twice, into train and test alike."""
+    seen: dict[str, str] = {}
+    by_size: dict[int, list[Source]] = {}
+    for src in sources:
+        synthetic = str(src.path).startswith("synth:")
+        key = str(src.path) if synthetic else os.path.realpath(src.path)
+        if key in seen:
+            raise CalodistillError(f"ingest: source {src.path} is given twice (also as {seen[key]}); its showers "
+                                   "would be ingested twice")
+        seen[key] = str(src.path)
+        if not synthetic and os.path.isfile(src.path):
+            by_size.setdefault(os.path.getsize(src.path), []).append(src)
+    for same_size in by_size.values():
+        digests: dict[str, str] = {}
+        for src in same_size if len(same_size) > 1 else ():
+            if src.sha256 in digests:
+                raise CalodistillError(f"ingest: sources {digests[src.sha256]} and {src.path} have the same content "
+                                       f"(sha256 {src.sha256[:12]}); its showers would be ingested twice")
+            digests[src.sha256] = str(src.path)
+
+
 def ingest_showers(
     sources: list[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -206,9 +251,11 @@ def ingest_showers(
     """Ingest shower sources into a partitioned Parquet dataset (layout and guarantees: docs/data.md).
 
     Args:
-        sources: file paths (CaloGAN/CaloChallenge HDF5, CSV, Parquet) or ``synth:GEOMETRY?n=N&seed=S&...``.
+        sources: file paths or glob patterns (CaloGAN/CaloChallenge HDF5, ROOT ``file.root[:tree]``, CSV,
+            Parquet, HDF5 through ``columns``) or ``synth:GEOMETRY?n=N&seed=S&...``.
         out_dir: the dataset directory to create.
-        geometry: geometry name; ``None`` infers it per source (all sources must agree).
+        geometry: geometry name or geometry file (:mod:`.geometry_file`); ``None`` takes the one each source
+            records or infers it (all sources must agree). It is stored in the dataset's metadata.
         scheduler: ``None`` (a fresh LocalCluster), ``"tcp://HOST:8786"`` (an existing cluster), or
             ``"threads"`` / ``"synchronous"`` (in-process).
         overwrite: replace an existing dataset (only a calodistill dataset or an empty directory).
@@ -216,7 +263,8 @@ def ingest_showers(
         split_fractions: train, val, test fractions (sum 1).
         partition_mb: target uncompressed size of one Parquet file, MB.
         progress: show a tqdm bar (showers, rate, ETA) when on a terminal.
-        columns: column declaration for CSV/Parquet sources (:class:`~.tables.ColumnSpec`).
+        columns: the column mapping of CSV/Parquet/ROOT/HDF5 sources (:class:`~.columns.ColumnSpec`: a
+            mapping file, ``"key=value,..."`` or a dict).
 
     Returns:
         Summary: ``out_dir``, ``geometry``, ``n_showers``, ``counts`` per split, ``sources`` (path, kind,
@@ -235,9 +283,11 @@ def ingest_showers(
         raise CalodistillError(f"partition_mb: must be positive, got {partition_mb}")
     _check_out_dir(out, overwrite)
     geo = resolve_geometry(geometry, "--geometry")
-    opened = [open_any_source(s, geo, columns) for s in sources]
-    names = {s.geometry.name for s in opened}
-    if len(names) > 1:
+    columns = ColumnSpec.parse(columns)
+    opened = [open_any_source(s, geo, columns) for s in expand_sources(sources)]
+    _refuse_duplicate_sources(opened)
+    first = opened[0].geometry
+    if any(s.geometry.name != first.name or not s.geometry.same_cells(first) for s in opened[1:]):
         detail = ", ".join(f"{s.path} ({s.geometry.name})" for s in opened)
         raise CalodistillError(f"ingest: sources have different geometries: {detail}")
     geo = opened[0].geometry

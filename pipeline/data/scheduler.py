@@ -53,6 +53,9 @@ class TaskScheduler:
                     silence_logs=logging.ERROR,
                 )
             self.client = Client(self.cluster)
+            from ..worker_logs import register_worker_logging
+
+            register_worker_logging(self.client)  # a CalodistillError on a worker: no "Compute Failed" block
         else:
             try:
                 self.client = Client(self.scheduler, timeout="10s")

@@ -18,7 +18,7 @@ from ..errors import CalodistillError
 from .geometry import Geometry, get_geometry
 from .showers import Showers
 
-__all__ = ["GEV", "Source", "file_sha256", "one_line", "resolve_geometry", "validate_arrays"]
+__all__ = ["GEV", "Source", "file_sha256", "format_energy", "one_line", "resolve_geometry", "validate_arrays"]
 
 GEV = 1000.0  # MeV per GeV
 
@@ -99,9 +99,13 @@ class Source:
         voxels: np.ndarray,
         particle: Any = None,
         event_id: np.ndarray | None = None,
+        energy_unit: str = "MeV",
     ) -> Showers:
-        """Validated showers from the arrays a subclass read; ids default to row numbers."""
-        validate_arrays(self.path, incident, voxels, row_offset=start)
+        """Validated showers from the arrays a subclass read (in MeV); ids default to row numbers.
+
+        ``energy_unit`` is the unit the file stores incident energies in: error messages quote them in it.
+        """
+        validate_arrays(self.path, incident, voxels, row_offset=start, energy_unit=energy_unit)
         if event_id is None:
             event_id = np.arange(start, start + len(incident), dtype=np.int64)
         if particle is None:
@@ -109,8 +113,19 @@ class Source:
         return Showers(self.geometry, incident, voxels, particle, event_id)
 
 
-def validate_arrays(path: str, incident: np.ndarray, voxels: np.ndarray, row_offset: int = 0) -> None:
-    """Raise a one-line :class:`CalodistillError` for non-finite or negative energies (``path`` names the file)."""
+def format_energy(value: float, unit: str = "MeV") -> str:
+    """An energy as a plain number with its unit (``-10 GeV``), not ``np.float64(-10.0)``."""
+    return f"{float(value):.6g} {unit}"
+
+
+def validate_arrays(path: str, incident: np.ndarray, voxels: np.ndarray, row_offset: int = 0,
+                    energy_unit: str = "MeV") -> None:
+    """Raise a one-line :class:`CalodistillError` for non-finite or negative energies (``path`` names the file).
+
+    Energies are given in MeV; a bad incident energy is quoted in ``energy_unit``, the file's own unit.
+    """
+    from .columns import UNITS_MEV
+
     if len(incident) != len(voxels):
         raise CalodistillError(f"{path}: {len(incident)} incident energies but {len(voxels)} showers")
     bad = ~np.isfinite(incident)
@@ -119,7 +134,9 @@ def validate_arrays(path: str, incident: np.ndarray, voxels: np.ndarray, row_off
     bad = incident <= 0
     if bad.any():
         i = int(np.argmax(bad))
-        raise CalodistillError(f"{path}: non-positive incident energy {incident[i]!r} in row {row_offset + i}")
+        unit = energy_unit if energy_unit in UNITS_MEV else "MeV"
+        shown = format_energy(incident[i] / UNITS_MEV[unit], unit)
+        raise CalodistillError(f"{path}: non-positive incident energy {shown} in row {row_offset + i}")
     finite = np.isfinite(voxels)
     if not finite.all():
         i = int(np.argmax(~finite.all(axis=1)))
@@ -128,5 +145,5 @@ def validate_arrays(path: str, incident: np.ndarray, voxels: np.ndarray, row_off
     if negative.any():
         i = int(np.argmax(negative.any(axis=1)))
         raise CalodistillError(
-            f"{path}: negative voxel energy {float(voxels[i][voxels[i] < 0].min())!r} MeV in row {row_offset + i}"
+            f"{path}: negative voxel energy {format_energy(voxels[i][voxels[i] < 0].min())} in row {row_offset + i}"
         )

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..errors import CalodistillError
 
 __all__ = [
     "DEFAULT_TRACKING_FILE",
+    "check_store_exists",
+    "local_store_path",
     "PipelineRun",
     "find_pipeline_run",
     "is_model_dir",
@@ -44,6 +47,32 @@ def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
 
 
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or directory a local tracking URI names (``sqlite:///...``, ``file:...``, a plain path);
+    None for remote stores (``http(s)://``, databases) and in-memory SQLite."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if uri.startswith("file:"):
+        return Path(re.sub(r"^file:(//)?", "", uri))
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) or uri in ("databricks", "databricks-uc", "uc"):
+        return None
+    return Path(uri)
+
+
+def check_store_exists(uri: str, what: str) -> None:
+    """Refuse to open a local tracking store that does not exist, for reading (MLflow would create an
+    empty one: an empty ``mlflow.db`` left behind by a failed lookup).
+
+    Args:
+        uri: the tracking URI.
+        what: what was being looked up, to start the message (``--model models:/m@champion``).
+    """
+    path = local_store_path(uri)
+    if path is not None and not path.exists():
+        raise CalodistillError(f"{what}: no MLflow tracking store at {path} (run a pipeline first, or pass "
+                               "--tracking-uri / set MLFLOW_TRACKING_URI)")
 
 
 def is_model_dir(path: Path, flow2_only: bool = False) -> bool:
@@ -73,10 +102,13 @@ def resolve_model_dir(model: str, cache_dir: Path | None = None, tracking_uri: s
     """
     if _URI_RE.match(model) and not model.startswith("file:"):
         uri = resolve_tracking_uri(tracking_uri)
+        check_store_exists(uri, f"{label} {model}")
         dst = Path(cache_dir or tempfile.mkdtemp(prefix="calodistill-model-"))
         try:
             local = _download_model(model, dst, uri)
         except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; the user needs one line
+            if cache_dir is None:
+                shutil.rmtree(dst, ignore_errors=True)
             raise CalodistillError(f"{label} {model}: cannot load from MLflow ({uri}): "
                                    f"{' '.join(str(exc).split())[:300]}") from None
         path = local
@@ -184,6 +216,7 @@ def find_pipeline_run(
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
+    check_store_exists(uri, f"pipeline run {run_id or '(latest)'}")
     client = MlflowClient(uri)
     if run_id is None:
         exp = client.get_experiment_by_name(experiment)

@@ -1,5 +1,8 @@
 """Synthetic showers: ``synth:GEOMETRY?n=N&seed=S&...`` sources, generated in chunks on Dask.
 
+``GEOMETRY`` is a preset name or the path of a geometry file with a ``material`` section
+(:mod:`.geometry_file`), so the demo runs on a user's detector too.
+
 The embedded default data source: GFLASH showers (:mod:`.gflash`) without a download, deterministic for
 a seed whatever the partitioning (chunk ``i`` draws from ``SeedSequence([seed, i])``), parallel over
 chunks, and readable like a file (:class:`SynthSource`).
@@ -19,7 +22,8 @@ from urllib.parse import parse_qsl, urlsplit
 import numpy as np
 
 from ..errors import CalodistillError
-from .geometry import GEOMETRY_NAMES, Geometry, get_geometry
+from .calorimeter import calorimeter_for
+from .geometry import Geometry, get_geometry
 from .gflash import PARTICLES, simulate
 from .showers import Showers
 from .source import Source
@@ -49,7 +53,8 @@ class SynthSpec:
     """What to generate.
 
     Args:
-        geometry: a name from :data:`~.geometry.GEOMETRY_NAMES`.
+        geometry: a name from :data:`~.geometry.GEOMETRY_NAMES`, or the path of a geometry file that declares
+            a material.
         n: number of showers (> 0).
         seed: base seed; chunk ``i`` draws from ``SeedSequence([seed, i])``.
         particle: ``"e+"``, ``"e-"`` or ``"gamma"``.
@@ -69,8 +74,13 @@ class SynthSpec:
     impact_spread_mm: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.geometry not in GEOMETRY_NAMES:
-            raise CalodistillError(f"synth: unknown geometry {self.geometry!r}; known: {', '.join(GEOMETRY_NAMES)}")
+        if not isinstance(self.geometry, str):
+            raise CalodistillError(f"synth: geometry must be a name or a path, got {self.geometry!r}")
+        try:
+            geo = get_geometry(self.geometry)
+        except CalodistillError as exc:
+            raise CalodistillError(f"synth: {exc}") from None
+        calorimeter_for(geo)  # a geometry file without a material fails here, naming the file
         if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n <= 0:
             raise CalodistillError(f"synth: n must be a positive integer, got {self.n!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
@@ -85,8 +95,8 @@ class SynthSpec:
             raise CalodistillError(f"synth: energy must be a positive number of GeV, got {self.energy!r}")
         if not (math.isfinite(self.impact_spread_mm) and self.impact_spread_mm >= 0):
             raise CalodistillError(f"synth: impact_spread_mm must be >= 0, got {self.impact_spread_mm!r}")
-        if self.impact_spread_mm > 0 and any(l.kind != "cartesian" for l in get_geometry(self.geometry).layers):
-            raise CalodistillError(f"synth: impact spread needs Cartesian layers; {self.geometry} is polar")
+        if self.impact_spread_mm > 0 and any(l.kind != "cartesian" for l in geo.layers):
+            raise CalodistillError(f"synth: impact spread needs Cartesian layers; {geo.name} is polar")
 
 
 _SPEC_KEYS = {"n": int, "seed": int, "particle": str, "spectrum": str, "chunk_size": int, "energy": float,
@@ -118,7 +128,7 @@ def parse_synth_source(source: str) -> SynthSpec:
     try:
         return SynthSpec(geometry=geometry, **kwargs)  # type: ignore[arg-type]
     except CalodistillError as exc:
-        raise CalodistillError(f"{source}: {str(exc).removeprefix('synth: ')}") from None
+        raise CalodistillError(f"{source}: {' '.join(str(exc).removeprefix('synth: ').split())}") from None
 
 
 def n_chunks(spec: SynthSpec) -> int:
@@ -157,7 +167,7 @@ def generate_showers(spec: SynthSpec, progress: bool = False) -> Showers:
     if progress:
         from tqdm.auto import tqdm
 
-        chunks = tqdm(chunks, desc=f"synth {spec.geometry}", unit="chunk", disable=None)
+        chunks = tqdm(chunks, desc=f"synth {get_geometry(spec.geometry).name}", unit="chunk", disable=None)
     return Showers.concatenate([generate_chunk(spec, i) for i in chunks])
 
 
@@ -230,11 +240,14 @@ def open_synth_source(text: str, geometry: Geometry | None = None) -> SynthSourc
     """Open ``synth:GEOMETRY?...`` as a :class:`SynthSource`; ``geometry``, if given, must match."""
     spec = parse_synth_source(text)
     geo = get_geometry(spec.geometry)
-    if geometry is not None and geometry.name != geo.name:
+    if geometry is not None and (geometry.name != geo.name or not geometry.same_cells(geo)):
         raise CalodistillError(f"{text}: synthetic geometry {geo.name} differs from --geometry {geometry.name}")
     if int(spec.n) <= 0:
         raise CalodistillError(f"{text}: n must be positive")
-    canonical = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+    fields = dataclasses.asdict(spec)
+    if geo.origin:  # a geometry file: the source is defined by its content, not by where the file lies
+        fields["geometry"] = geo.to_dict()
+    canonical = json.dumps(fields, sort_keys=True, default=str)
     return SynthSource(text, geo, int(spec.n), "synth", chunk_rows=int(spec.chunk_size), spec=spec, spec_text=canonical)
 
 

@@ -1,7 +1,8 @@
 """CSV and Parquet shower tables: chunked readers, the calodistill Arrow layout and the writers.
 
-A table has declared columns (:class:`ColumnSpec`; ``--columns key=value,...`` on the command line).
-The default convention, every key of which can be overridden:
+A table has declared columns (:class:`~.columns.ColumnSpec`; ``--columns key=value,...`` or
+``--columns FILE.yaml`` on the command line, which also declares units and encodings). The default
+convention, every key of which can be overridden:
 
 ======================  =========================================================================
 ``incident_energy``     incident energy per shower (``energy_unit``: ``MeV`` by default, or ``GeV``)
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import CalodistillError
+from .columns import ColumnSpec
 from .geometry import Geometry, infer_geometry
 from .showers import Showers
-from .source import GEV, Source, one_line, resolve_geometry
+from .source import Source, one_line
 
 __all__ = [
     "PARQUET_METADATA_KEY",
@@ -50,67 +51,17 @@ PARQUET_METADATA_KEY = b"calodistill"
 _CSV_INDEX_STRIDE = 4096  # rows between two entries of a CSV file's byte-offset index
 
 
-@dataclass(frozen=True)
-class ColumnSpec:
-    """Which columns of a CSV/Parquet table hold what (the defaults: module docstring).
+def _non_numeric_cell(path: str, frame: Any, start: int, names: list[str]) -> str | None:
+    """The message naming the first cell of ``names`` that is not a number (column, row, value), or None."""
+    import pandas as pd
 
-    Args:
-        incident_energy: name of the incident-energy column.
-        energy_unit: ``"MeV"`` or ``"GeV"`` (incident energy only; voxels are always MeV).
-        voxels: a list column's name, or a prefix pattern ending in ``*`` (``"v*"`` → ``v0, v1, ...``).
-        particle: name of the optional particle column.
-        event_id: name of the optional event-id column.
-    """
-
-    incident_energy: str = "incident_energy"
-    energy_unit: str = "MeV"
-    voxels: str = "voxels|v*"
-    particle: str = "particle"
-    event_id: str = "event_id"
-
-    def __post_init__(self) -> None:
-        if self.energy_unit not in ("MeV", "GeV"):
-            raise CalodistillError(f"columns: energy_unit must be MeV or GeV, not {self.energy_unit!r}")
-
-    @classmethod
-    def parse(cls, text: str | dict[str, str] | ColumnSpec | None) -> ColumnSpec:
-        """From ``None`` (defaults), a dict, or ``"key=value,key=value"`` (the ``--columns`` option)."""
-        if text is None:
-            return cls()
-        if isinstance(text, ColumnSpec):
-            return text
-        if isinstance(text, str):
-            items: dict[str, str] = {}
-            for part in filter(None, (p.strip() for p in text.split(","))):
-                key, sep, value = part.partition("=")
-                if not sep:
-                    raise CalodistillError(f"columns: expected key=value, got {part!r}")
-                items[key.strip()] = value.strip()
-        else:
-            items = dict(text)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(items) - known)
-        if unknown:
-            raise CalodistillError(f"columns: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**items)
-
-    def voxel_columns(self, names: list[str], source: str) -> tuple[str, list[str]]:
-        """Resolve the voxel columns among a table's ``names``: ``("list", [name])`` or ``("scalar", [v0..])``."""
-        for option in self.voxels.split("|"):
-            if option.endswith("*"):
-                prefix = option[:-1]
-                pattern = re.compile(re.escape(prefix) + r"(\d+)$")
-                found = sorted((int(m.group(1)), n) for n in names if (m := pattern.match(n)))
-                if found:
-                    numbers = [i for i, _ in found]
-                    if numbers != list(range(len(numbers))):
-                        raise CalodistillError(
-                            f"{source}: voxel columns {prefix}0..{prefix}{len(numbers) - 1} are not contiguous"
-                        )
-                    return "scalar", [n for _, n in found]
-            elif option in names:
-                return "list", [option]
-        raise CalodistillError(f"{source}: missing voxel columns (looked for {self.voxels!r})")
+    for name in names:
+        column = frame[name]
+        bad = (pd.to_numeric(column, errors="coerce").isna() & column.notna()).to_numpy()
+        if bad.any():
+            i = int(np.argmax(bad))
+            return f"{path}: column {name!r}, row {start + i}: {str(column.iloc[i])[:40]!r} is not a number"
+    return None
 
 
 def _frame_to_showers(src: Source, frame: Any, start: int, cols: ColumnSpec, voxel_names: list[str]) -> Showers:
@@ -120,19 +71,25 @@ def _frame_to_showers(src: Source, frame: Any, start: int, cols: ColumnSpec, vox
     path = src.path
     try:
         incident = pd.to_numeric(frame[cols.incident_energy], errors="raise").to_numpy(np.float64)
-        voxels = frame[voxel_names].apply(pd.to_numeric, errors="raise").to_numpy(np.float32)
+        voxels = frame[voxel_names].apply(pd.to_numeric, errors="raise").to_numpy(
+            np.float32 if cols.voxel_encoding == "linear" and cols.voxel_unit == "MeV" else np.float64)
     except (ValueError, TypeError) as exc:
-        raise CalodistillError(f"{path}: non-numeric value in rows {start}..{start + len(frame) - 1}: {one_line(exc)}") from None
-    if cols.energy_unit == "GeV":
-        incident = incident * GEV
-    particle = frame[cols.particle].astype(str).to_numpy(object) if cols.particle in frame else None
+        raise CalodistillError(_non_numeric_cell(path, frame, start, [cols.incident_energy, *voxel_names])
+                               or f"{path}: non-numeric value in rows {start}..{start + len(frame) - 1}: {one_line(exc)}") from None
+    incident = cols.incident_to_mev(incident, path, start)
+    voxels = cols.voxels_to_mev(voxels, path, start)
+    particle = None
+    if cols.particle in frame:
+        raw = frame[cols.particle]
+        particle = (cols.particles(raw.to_numpy(), path, start) if cols.particle_codes
+                    else raw.astype(str).to_numpy(object))
     event_id = None
     if cols.event_id in frame:
         event_id = pd.to_numeric(frame[cols.event_id], errors="coerce").to_numpy()
         if np.isnan(event_id.astype(np.float64)).any():
             raise CalodistillError(f"{path}: column {cols.event_id!r} holds a non-integer value")
         event_id = event_id.astype(np.int64)
-    return src._validated(start, incident, voxels, particle, event_id)
+    return src._validated(start, incident, voxels, particle, event_id, energy_unit=cols.energy_unit)
 
 
 @dataclass
@@ -158,7 +115,8 @@ class CsvSource(Source):
         try:
             frame = pd.read_csv(
                 io.BytesIO(data), header=None, names=self.header, skiprows=skip, nrows=stop - start,
-                dtype={self.columns.particle: str} if self.columns.particle in self.header else None,
+                dtype={self.columns.particle: str} if self.columns.particle in self.header
+                and not self.columns.particle_codes else None,
             )
         except (ValueError, pd.errors.ParserError) as exc:
             raise CalodistillError(f"{self.path}: malformed CSV in rows {start}..{stop - 1}: {one_line(exc)}") from None
@@ -232,21 +190,27 @@ class ParquetSource(Source):
             raise CalodistillError(f"{self.path}: cannot read Parquet rows {start}..{stop - 1}: {one_line(exc)}") from None
         table = table.slice(start - (starts[groups[0]] if groups else 0), stop - start)
         incident = _column_numpy(self.path, table.column(cols.incident_energy), np.float64, cols.incident_energy)
-        if cols.energy_unit == "GeV":
-            incident = incident * GEV
+        incident = cols.incident_to_mev(incident, self.path, start)
         if self.voxel_kind == "list":
-            voxels = list_column_to_numpy(table.column(self.voxel_names[0]), self.geometry.n_voxels, self.path)
+            voxels = list_column_to_numpy(table.column(self.voxel_names[0]), self.geometry.n_voxels, self.path,
+                                          np.float32 if cols.voxel_encoding == "linear" and cols.voxel_unit == "MeV"
+                                          else np.float64)
         else:
             voxels = np.empty((table.num_rows, len(self.voxel_names)), dtype=np.float32)
             for j, name in enumerate(self.voxel_names):
                 voxels[:, j] = _column_numpy(self.path, table.column(name), np.float32, name)
+        voxels = cols.voxels_to_mev(voxels, self.path, start)
         particle = None
         if cols.particle in table.column_names:
-            particle = np.asarray(table.column(cols.particle).cast(pa.string()).to_pylist(), dtype=object)
+            column = table.column(cols.particle)
+            if cols.particle_codes and not pa.types.is_dictionary(column.type) and not pa.types.is_string(column.type):
+                particle = cols.particles(_column_numpy(self.path, column, np.int64, cols.particle), self.path, start)
+            else:
+                particle = np.asarray(column.cast(pa.string()).to_pylist(), dtype=object)
         event_id = None
         if cols.event_id in table.column_names:
             event_id = _column_numpy(self.path, table.column(cols.event_id), np.int64, cols.event_id)
-        return self._validated(start, incident, voxels, particle, event_id)
+        return self._validated(start, incident, voxels, particle, event_id, energy_unit=cols.energy_unit)
 
 
 def _column_numpy(path: str, column: Any, dtype: Any, name: str) -> np.ndarray:
@@ -260,12 +224,12 @@ def _column_numpy(path: str, column: Any, dtype: Any, name: str) -> np.ndarray:
         raise CalodistillError(f"{path}: column {name!r} is not numeric: {one_line(exc)}") from None
 
 
-def list_column_to_numpy(column: Any, width: int, path: str = "parquet") -> np.ndarray:
-    """A (chunked) list / fixed-size-list column of floats → ``(N, width)`` float32, without Python loops."""
+def list_column_to_numpy(column: Any, width: int, path: str = "parquet", dtype: Any = np.float32) -> np.ndarray:
+    """A (chunked) list / fixed-size-list column of floats → ``(N, width)`` ``dtype``, without Python loops."""
     import pyarrow as pa
 
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    out = np.empty((sum(len(c) for c in chunks), width), dtype=np.float32)
+    out = np.empty((sum(len(c) for c in chunks), width), dtype=dtype)
     row = 0
     for chunk in chunks:
         n = len(chunk)
@@ -295,13 +259,15 @@ def list_column_to_numpy(column: Any, width: int, path: str = "parquet") -> np.n
     return out
 
 
-def _parquet_geometry_hint(schema: Any) -> str | None:
+def _parquet_geometry_hint(schema: Any) -> dict[str, Any] | None:
+    """The geometry record in a calodistill Parquet file's schema metadata, if any."""
     meta = schema.metadata or {}
     if PARQUET_METADATA_KEY in meta:
         try:
-            return json.loads(meta[PARQUET_METADATA_KEY])["geometry"]["name"]
+            record = json.loads(meta[PARQUET_METADATA_KEY])["geometry"]
         except (ValueError, KeyError, TypeError):
             return None
+        return record if isinstance(record, dict) else None
     return None
 
 
@@ -333,7 +299,7 @@ def open_parquet(path: str, geometry: Geometry | None, cols: ColumnSpec) -> Sour
     if geometry is None:
         hint = _parquet_geometry_hint(schema)
         if hint is not None:
-            geometry = resolve_geometry(hint, path)
+            geometry = Geometry.from_dict(hint, path)
     if width is None:
         if geometry is None:
             if n == 0:

@@ -148,12 +148,16 @@ def low_level_features(showers: Showers) -> np.ndarray:
     ).astype(np.float32)
 
 
+#: Observable name prefixes left out of the high-level classifier features (see :func:`high_level_features`).
+NOT_CLASSIFIER_FEATURES = ("radius_layer", "width_r_layer")
+
+
 def high_level_features(showers: Showers, observables: dict[str, np.ndarray] | None = None, threshold: float | None = None) -> np.ndarray:
     """``[log10 E_inc/MeV, observables...]`` per shower, ``(N, 1 + n_observables)`` float32.
 
     Args:
         showers: the showers.
-        observables: precomputed :func:`pipeline.observables.compute_observables` output (computed if None).
+        observables: precomputed :func:`calodistill.pipeline.metrics.observables.compute_observables` output (computed if None).
         threshold: sparsity threshold in MeV when computing (default of :mod:`pipeline.observables`).
     """
     from .observables import DEFAULT_THRESHOLD_MEV, compute_observables
@@ -163,10 +167,14 @@ def high_level_features(showers: Showers, observables: dict[str, np.ndarray] | N
     e_inc = showers.incident_energy
     if np.any(e_inc <= 0):
         raise CalodistillError("classifier: incident energies must be positive")
-    cols = [np.log10(e_inc)] + [np.asarray(observables[k], dtype=np.float64) for k in observables]
+    # The CaloChallenge's high-level set: the polar geometries' extra radial observables are plotted and
+    # scored by separation power, but kept out of the classifier so its AUCs stay comparable with the
+    # published leaderboard.
+    keys = [k for k in observables if not k.startswith(NOT_CLASSIFIER_FEATURES)]
+    cols = [np.log10(e_inc)] + [np.asarray(observables[k], dtype=np.float64) for k in keys]
     feats = np.stack(cols, axis=1)
     # Layer energies span orders of magnitude: compress them as the CaloChallenge does (log10(E + 1e-8)).
-    for j, k in enumerate(observables, start=1):
+    for j, k in enumerate(keys, start=1):
         if k.startswith("E_layer"):
             feats[:, j] = np.log10(np.clip(feats[:, j], 0.0, None) + 1e-8)
     return feats.astype(np.float32)

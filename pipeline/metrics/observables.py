@@ -1,14 +1,16 @@
 """High-level shower observables and the separation power between two samples of them.
 
 Every observable is one number per shower, computed on any :class:`~pipeline.geometry.Geometry` from the
-flat voxel vector (MeV) and the incident energy (MeV):
+flat voxel vector (MeV) and the incident energy (MeV); which ones a layer gets follows its kind:
 
 - ``E_layer{i}``: energy deposited in layer ``i`` (MeV), ``i`` being :attr:`Layer.index`;
 - ``Etot_over_Einc``: total deposited energy over the incident energy;
 - ``centroid_x_layer{i}``, ``centroid_y_layer{i}``: energy-weighted centre of the layer (mm), cell positions
-  from :meth:`Layer.cell_xy`;
+  from :meth:`Layer.cell_xy` (for polar layers these are the CaloChallenge's η/φ-direction centroids);
 - ``width_x_layer{i}``, ``width_y_layer{i}``: energy-weighted standard deviation around that centre (mm);
-- ``sparsity_layer{i}``: fraction of the layer's cells with an energy above the threshold.
+- ``sparsity_layer{i}``: fraction of the layer's cells with an energy above the threshold;
+- polar layers only: ``radius_layer{i}`` and ``width_r_layer{i}``, the energy-weighted mean and standard
+  deviation of the distance from the shower axis (mm, cell radii: the annulus' area-weighted mean radius).
 
 An empty layer has centroid 0 and width 0 (never NaN), as in the CaloChallenge evaluation code.
 
@@ -31,7 +33,7 @@ import logging
 
 import numpy as np
 
-from ..data.geometry import Geometry
+from ..data.geometry import Geometry, Layer
 from ..data.showers import Showers
 from ..errors import CalodistillError
 
@@ -59,6 +61,8 @@ def observable_names(geometry: Geometry) -> list[str]:
     names.append("Etot_over_Einc")
     for kind in ("centroid_x", "centroid_y", "width_x", "width_y", "sparsity"):
         names.extend(f"{kind}_layer{layer.index}" for layer in geometry.layers)
+    for kind in ("radius", "width_r"):
+        names.extend(f"{kind}_layer{layer.index}" for layer in geometry.layers if layer.kind == "polar")
     return names
 
 
@@ -68,7 +72,8 @@ def observable_label(name: str) -> str:
         return r"$E_\mathrm{tot} / E_\mathrm{inc}$"
     kind, _, layer = name.rpartition("_layer")
     units = {"E": "energy [MeV]", "centroid_x": "centroid x [mm]", "centroid_y": "centroid y [mm]",
-             "width_x": "width x [mm]", "width_y": "width y [mm]", "sparsity": "fraction of cells hit"}
+             "width_x": "width x [mm]", "width_y": "width y [mm]", "sparsity": "fraction of cells hit",
+             "radius": "mean radius [mm]", "width_r": "radial width [mm]"}
     return f"layer {layer}: {units.get(kind, kind)}" if layer else name
 
 
@@ -91,12 +96,13 @@ def compute_observables(
     n = len(showers)
     out = {name: np.zeros(n, dtype=np.float64) for name in observable_names(geometry)}
     cells = [layer.cell_xy() for layer in geometry.layers]
+    radii = [_cell_radii(layer) if layer.kind == "polar" else None for layer in geometry.layers]
     for start in range(0, n, max(1, chunk_size)):
         stop = min(n, start + max(1, chunk_size))
         vox = showers.voxels[start:stop].astype(np.float64)
         e_inc = showers.incident_energy[start:stop]
         total = np.zeros(stop - start)
-        for layer, sl, (x, y) in zip(geometry.layers, geometry.layer_slices, cells):
+        for layer, sl, (x, y), rad in zip(geometry.layers, geometry.layer_slices, cells, radii):
             v = vox[:, sl]
             e = v.sum(axis=1)
             total += e
@@ -106,20 +112,31 @@ def compute_observables(
             w = np.clip(v, 0.0, None)
             wsum = w.sum(axis=1)
             safe = np.where(wsum > 0, wsum, 1.0)
-            for axis, pos in (("x", x), ("y", y)):
+            axes = [("centroid_x", "width_x", x), ("centroid_y", "width_y", y)]
+            if rad is not None:
+                axes.append(("radius", "width_r", rad))
+            for centre, width, pos in axes:
                 mean = (w @ pos) / safe
                 second = (w @ (pos**2)) / safe
                 var = np.clip(second - mean**2, 0.0, None)
                 empty = wsum <= 0
                 mean[empty] = 0.0
                 var[empty] = 0.0
-                out[f"centroid_{axis}_layer{i}"][start:stop] = mean
-                out[f"width_{axis}_layer{i}"][start:stop] = np.sqrt(var)
+                out[f"{centre}_layer{i}"][start:stop] = mean
+                out[f"{width}_layer{i}"][start:stop] = np.sqrt(var)
             out[f"sparsity_layer{i}"][start:stop] = (v > threshold).mean(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(e_inc > 0, total / np.where(e_inc > 0, e_inc, 1.0), 0.0)
         out["Etot_over_Einc"][start:stop] = ratio
     return out
+
+
+def _cell_radii(layer: Layer) -> np.ndarray:
+    """Area-weighted mean radius (mm) of every cell of a polar layer, in voxel order."""
+    r = np.asarray(layer.edges1, dtype=np.float64)
+    r0, r1 = r[:-1], r[1:]
+    rbar = (2.0 / 3.0) * (r1**3 - r0**3) / (r1**2 - r0**2)
+    return np.tile(rbar, layer.shape[0])
 
 
 def shared_bin_edges(samples: list[np.ndarray], bins: int = 50, quantile: float = 0.0) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""Sampling throughput within a time budget, and the dense-matmul floor of the fast student sampler.
+"""Sampling throughput within a time budget, and the dense-matmul floors of sampling and training.
 
 :class:`BudgetedTimer` times a call at increasing batches with :func:`~calodistill.pipeline.metrics.timing.time_calls`
 and never lets one measurement exceed its budget: a batch that would not fit is replaced by the largest
 of the 1-2-5 series that does, and says so. :func:`matmul_floor_call` is the student's dense matrix
-products alone, the floor a sampler can approach.
+products alone, the floor a sampler can approach; :func:`capture_matmuls` records the products a
+training step executes (forward and backward) and :func:`matmul_replay_call` runs them alone, the floor
+of that step.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .timing import time_calls
 if TYPE_CHECKING:  # pragma: no cover
     from ...flows.fast import FastIAFSampler
 
-__all__ = ["BudgetedTimer", "Timing", "matmul_floor_call", "nice_batch_at_most"]
+__all__ = ["BudgetedTimer", "MatmulCall", "Timing", "capture_matmuls", "matmul_floor_call", "matmul_replay_call",
+           "nice_batch_at_most"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,5 +150,79 @@ def matmul_floor_call(sampler: FastIAFSampler, batch: int, chunk: int | None,
                     a = prev if prev is not None and prev.shape[1] == k else inputs[k]
                     torch.mm(a[:r], w, out=out[:r])
                     prev = out[:r]
+
+    return call
+
+
+@dataclass(frozen=True)
+class MatmulCall:
+    """One dense product ``a @ b`` of shapes ``(m, k) @ (k, n)`` (batched: ``batch`` of them), with the
+    memory layout of each operand (``True``: column-major, i.e. a transposed view, as autograd passes)."""
+
+    m: int
+    k: int
+    n: int
+    batch: int = 1
+    a_transposed: bool = False
+    b_transposed: bool = False
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.batch * self.m * self.k * self.n
+
+
+def _column_major(t: Tensor) -> bool:
+    return t.dim() >= 2 and t.stride(-2) == 1 and t.stride(-1) == t.shape[-2] and t.shape[-1] > 1
+
+
+def capture_matmuls(fn: Callable[[], Any]) -> list[MatmulCall]:
+    """The dense products (``mm``, ``addmm``, ``bmm``, ``baddbmm``) that ``fn()`` executes, forward and backward.
+
+    Recorded at the dispatcher (a ``TorchDispatchMode``), so autograd's backward products are included.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    two = {aten.mm.default: (0, 1), aten.addmm.default: (1, 2), aten.bmm.default: (0, 1),
+           aten.baddbmm.default: (1, 2)}
+    calls: list[MatmulCall] = []
+
+    class _Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            if func in two:
+                i, j = two[func]
+                a, b = args[i], args[j]
+                batch = a.shape[0] if a.dim() == 3 else 1
+                calls.append(MatmulCall(int(a.shape[-2]), int(a.shape[-1]), int(b.shape[-1]), int(batch),
+                                        _column_major(a), _column_major(b)))
+            return func(*args, **(kwargs or {}))
+
+    with _Recorder():
+        fn()
+    return calls
+
+
+def matmul_replay_call(calls: list[MatmulCall], device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> Callable[[], None]:
+    """A call doing only ``calls``' products, in order, into preallocated outputs (the same shapes and
+    operand layouts): the dense-matmul floor of the step they were recorded from."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+
+    def operand(batch: int, rows: int, cols: int, transposed: bool) -> Tensor:
+        shape = (rows, cols) if not transposed else (cols, rows)
+        t = torch.randn((batch, *shape) if batch > 1 else shape, generator=gen, dtype=dtype).to(device)
+        return t.transpose(-2, -1) if transposed else t
+
+    jobs = []
+    for c in calls:
+        a = operand(c.batch, c.m, c.k, c.a_transposed)
+        b = operand(c.batch, c.k, c.n, c.b_transposed)
+        out = torch.empty((c.batch, c.m, c.n) if c.batch > 1 else (c.m, c.n), dtype=dtype, device=device)
+        jobs.append((torch.bmm if c.batch > 1 else torch.mm, a, b, out))
+
+    def call() -> None:
+        with torch.inference_mode():
+            for op, a, b, out in jobs:
+                op(a, b, out=out)
 
     return call

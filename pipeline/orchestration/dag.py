@@ -27,6 +27,7 @@ from typing import Any
 
 from ..config import build_config, load_yaml, parse_set
 from ..errors import CalodistillError
+from .cluster import ClusterSpec, parse_cluster
 
 __all__ = [
     "ClusterSpec",
@@ -102,16 +103,6 @@ class TrackingSpec:
 
 
 @dataclass(frozen=True)
-class ClusterSpec:
-    """The Dask LocalCluster started when no scheduler address is given."""
-
-    n_workers: int = 1
-    threads_per_worker: int = 2
-    memory_limit: str | None = None
-    processes: bool = True
-
-
-@dataclass(frozen=True)
 class StageSpec:
     """One stage of a DAG.
 
@@ -163,7 +154,7 @@ class DagSpec:
         stages: stage name → spec, in file order.
         order: stage names in a topological order (file order among independent stages).
         tracking: MLflow settings.
-        cluster: LocalCluster settings.
+        cluster: where the stages run (the ``cluster:`` section, :class:`.cluster.ClusterSpec`).
         description: free text.
         raw: the parsed YAML after overrides (for logging).
     """
@@ -443,7 +434,7 @@ def parse_dag(raw: Any, source: str | Path, base_dir: Path | None = None, overri
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise _fail(src, "name", f"{name!r} is not a valid pipeline name (letters, digits, '_', '-')")
     tracking = build_config(TrackingSpec, (_as_mapping(data.get("tracking"), src, "tracking"), f"{src}: tracking"))
-    cluster = build_config(ClusterSpec, (_as_mapping(data.get("cluster"), src, "cluster"), f"{src}: cluster"))
+    cluster = parse_cluster(data.get("cluster"), src)
     raw_stages = _as_mapping(data.get("stages"), src, "stages")
     if not raw_stages:
         raise _fail(src, "stages", "no stages")

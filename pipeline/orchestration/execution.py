@@ -11,7 +11,9 @@ outputs and input files, literal URIs as text). In the task:
 - after the stage function returns, every declared output must exist; their content hashes are computed
   and the marker is written last, atomically.
 
-So nothing half-written is ever marked complete, and a killed run started again picks up where it stopped.
+So nothing half-written is ever marked complete, and a killed run started again picks up where it stopped
+(as does a stage whose worker died: Dask runs it again on another worker, which resumes it). A stage
+that requests a GPU runs with ``CUDA_VISIBLE_DEVICES`` naming its worker's own device (:func:`.cluster.claim_gpu`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +31,7 @@ from typing import Any
 
 from ..atomic import atomic_write_json
 from ..errors import CalodistillError
+from .cluster import claim_gpu
 from .dag import FileInput, LiteralInput, StageRef, StageSpec
 from .registry import StageContext, StageResult
 
@@ -178,6 +181,25 @@ def _clear_dir(stage_dir: Path) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
 
 
+_TEMPORARY_RE = re.compile(r"^\..+\.tmp(\d*|-.+)$")
+
+
+def _remove_temporaries(stage_dir: Path) -> None:
+    """Remove the temporary files and directories a killed attempt left (``.NAME.tmp1234``, ``.NAME.HOST-PID-….tmp``).
+
+    Called when an attempt resumes: the attempt it resumes is gone (its worker died or the run was
+    stopped), so whatever it was writing will never be renamed into place.
+    """
+    for path in sorted(stage_dir.rglob(".*"), key=lambda p: len(p.parts), reverse=True):
+        if path.name in (COMPLETE_MARKER, ATTEMPT_MARKER) or not _TEMPORARY_RE.match(path.name):
+            continue
+        logger.info("removing %s, left by an interrupted attempt", path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _ensure_worker_logging() -> None:
     root = logging.getLogger()
     if not root.handlers:
@@ -204,8 +226,23 @@ def _share_cores_between_task_threads() -> None:
         return
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // nthreads))
+    # affinity and cgroup quota, shared between task threads
+    from ...flows.device import torch_threads
+
+    torch.set_num_threads(torch_threads(nthreads))
+
+
+def _task_gpu(stage: StageSpec) -> str | None:
+    """For a stage requesting a GPU, in a Dask worker: the device(s) it runs on (claimed once per process)."""
+    if "GPU" not in (stage.dask_resources() or {}):
+        return None
+    try:
+        from distributed.worker import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return None  # not in a worker: the caller's environment stands
+    return claim_gpu()
 
 
 def execute_stage(task: StageTask, *upstream_outcomes: Mapping[str, Any]) -> dict[str, Any]:
@@ -246,6 +283,7 @@ def execute_stage(task: StageTask, *upstream_outcomes: Mapping[str, Any]) -> dic
     attempt = _read_json(attempt_path)
     if attempt is not None and attempt.get("key") == key and not task.force:
         logger.info("stage %s: resuming attempt started %s", stage.name, attempt.get("started_at"))
+        _remove_temporaries(stage_dir)
         resumed = True
     else:
         _clear_dir(stage_dir)
@@ -268,11 +306,16 @@ def execute_stage(task: StageTask, *upstream_outcomes: Mapping[str, Any]) -> dic
     ctx = StageContext(stage=stage.name, kind=stage.kind, inputs=_resolve_inputs(stage, upstream),
                        outputs=outputs, work_dir=stage_dir, params=dict(stage.params),
                        log_metrics=log_metrics, scheduler=task.scheduler)
+    gpu = _task_gpu(stage)
+    if gpu is not None:
+        logger.info("stage %s: CUDA_VISIBLE_DEVICES=%s", stage.name, gpu)
     t0 = time.perf_counter()
     result = task.run(ctx)
     duration = time.perf_counter() - t0
     if result is None:
         result = StageResult()
+    if gpu is not None:
+        result.tags = {**result.tags, "cuda_visible_devices": gpu}
     missing = [name for name, path in outputs.items() if not path.exists()]
     if missing:
         raise CalodistillError(f"stage {stage.name!r}: the stage function did not write output(s) "

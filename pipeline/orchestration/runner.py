@@ -1,14 +1,17 @@
 """Run a pipeline DAG on Dask, skipping completed stages, resuming interrupted ones, tracked in MLflow.
 
-``calodistill run dags/quickstart.yaml [--scheduler tcp://HOST:8786] [--set stage.key=value ...]``
+``calodistill run dags/quickstart.yaml [--scheduler ADDR | --cluster FILE] [--set stage.key=value ...]``
 
-The DAG is loaded and validated (:mod:`.dag`), a Dask client opened (:mod:`.cluster`), and every stage
+The DAG is loaded and validated (:mod:`.dag`), a Dask client opened (:mod:`.cluster`: a local cluster,
+a scheduler address or batch jobs), and every stage
 becomes one Dask task (:func:`~.execution.execute_stage`) whose arguments are the tasks of the stages it
 reads from, so Dask runs the graph in dependency order and independent stages in parallel. Outputs live
 in one run directory per pipeline, ``<runs-dir>/<dag name>/<stage>/``, reused by a rerun. The driver logs
 to MLflow (:mod:`.tracking`: a parent run, one nested run per stage, per-epoch metrics streamed from the
 workers as Dask events) and returns a summary table: stage, status (ran / skipped / failed / not run),
-time, key metric.
+time, key metric. Every log record of the run, the workers' included, is appended to
+``<run dir>/calodistill.log`` (:mod:`calodistill.pipeline.logs`); on a terminal each stage shows one
+progress bar (:mod:`.progress`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CalodistillError
-from .cluster import dask_client
+from ..logs import RUN_LOG_NAME, open_run_log
+from .cluster import ClusterSpec, dask_client, load_cluster_file
 from .dag import load_dag
 from .execution import StageTask, execute_stage
+from .progress import StageProgress
 from .registry import get_stage_kind
 
 __all__ = ["RunSummary", "StageSummary", "run_pipeline"]
@@ -98,9 +103,26 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def _exception_text(exc: BaseException) -> str:
+def _exception_text(exc: BaseException | None) -> str:
+    if exc is None:
+        return "cancelled (the Dask scheduler went away, or the run was interrupted); the next run resumes it"
+    if type(exc).__name__ == "KilledWorker":  # distributed.scheduler.KilledWorker
+        tries = getattr(exc, "allowed_failures", 0) + 1
+        return (f"the Dask worker running it died ({tries} attempt{'s' if tries > 1 else ''}: killed, or out of "
+                "memory? see the worker logs); the stage is incomplete and the next run resumes it")
     return " ".join(f"{type(exc).__name__}: {exc}".split()) if not isinstance(exc, CalodistillError) \
         else " ".join(str(exc).split())
+
+
+def _future_exception(fut: Any) -> BaseException | None:
+    """The exception of a failed future; None when it was cancelled (``exception()`` then gives None or,
+    in some distributed versions, raises CancelledError)."""
+    if fut.status == "cancelled":
+        return None
+    try:
+        return fut.exception()
+    except Exception as exc:  # noqa: BLE001 - cancelled or lost between the check and the call
+        return None if type(exc).__name__ == "CancelledError" else exc
 
 
 def run_pipeline(
@@ -111,6 +133,7 @@ def run_pipeline(
     tracking_uri: str | None = None,
     force: Sequence[str] = (),
     track: bool = True,
+    cluster: ClusterSpec | str | Path | None = None,
 ) -> RunSummary:
     """Run a pipeline end to end.
 
@@ -122,6 +145,8 @@ def run_pipeline(
         tracking_uri: MLflow tracking URI (default: ``MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``).
         force: stage names to run even when complete.
         track: log to MLflow (False: only the run directory and the summary).
+        cluster: a cluster spec or a ``--cluster`` YAML file; wins over the DAG's ``cluster:`` section
+            (``scheduler`` wins over both; giving both is an error).
 
     Returns:
         The run summary (per-stage status, time, key metric; ``ok`` False when a stage failed).
@@ -131,11 +156,16 @@ def run_pipeline(
     """
     t_start = time.perf_counter()
     dag = load_dag(dag_path, tuple(overrides))
+    if scheduler and cluster is not None:
+        raise CalodistillError("give --scheduler or --cluster, not both")
+    if isinstance(cluster, str | Path):
+        cluster = load_cluster_file(cluster)
     for name in force:
         if name not in dag.stages:
             raise CalodistillError(f"--force {name}: unknown stage (stages: {', '.join(dag.order)})")
     run_dir = (Path(run_root) / dag.name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_log = open_run_log(run_dir / RUN_LOG_NAME)  # every record of the run, whatever the terminal shows
     summary = RunSummary(dag=dag.name, run_dir=run_dir)
 
     tracker = None
@@ -155,6 +185,7 @@ def run_pipeline(
     topic = f"calodistill-{uuid.uuid4().hex}"
     started_at: dict[str, float] = {}
     final_status = "FINISHED"
+    progress = StageProgress(list(dag.order))
 
     def handle_event(event: Any) -> None:
         _, msg = event
@@ -163,15 +194,18 @@ def run_pipeline(
             return
         if msg.get("type") == "start":
             started_at.setdefault(name, time.perf_counter())
+            progress.started(name, bool(msg.get("resumed")))
             if msg.get("resumed"):
                 rows[name].resumed = True
                 logger.info("stage %s: resuming an interrupted attempt", name)
             else:
                 logger.info("stage %s: started", name)
             if tracker is not None and rows[name].status == "not run":
-                tracker.stage_run(dag.stages[name])
-        elif msg.get("type") == "metrics" and tracker is not None and rows[name].status == "not run":
-            tracker.log_stage_metrics(dag.stages[name], msg.get("metrics", {}), int(msg.get("step", 0)))
+                tracker.stage_run(dag.stages[name], resumed=bool(msg.get("resumed")))
+        elif msg.get("type") == "metrics" and rows[name].status == "not run":
+            progress.step(name, int(msg.get("step", 0)))
+            if tracker is not None:
+                tracker.log_stage_metrics(dag.stages[name], msg.get("metrics", {}), int(msg.get("step", 0)))
 
     def drain() -> None:
         while True:
@@ -181,7 +215,10 @@ def run_pipeline(
                 return
 
     try:
-        with dask_client(dag, scheduler) as (client, address):
+        with dask_client(dag, scheduler, cluster) as (client, address):
+            from ..worker_logs import register_worker_logging
+
+            register_worker_logging(client, run_log.path)
             client.subscribe_topic(topic, events.put)
             futures: dict[str, Any] = {}
             for name in dag.order:
@@ -216,7 +253,7 @@ def run_pipeline(
                         if tracker is not None:
                             tracker.stage_finished(stage, outcome, get_stage_kind(stage.kind).model_role)
                     else:
-                        exc = fut.exception()
+                        exc = _future_exception(fut)
                         blocked = [u for u in stage.upstream if u in failed]
                         failed.add(name)
                         if blocked:
@@ -227,10 +264,12 @@ def run_pipeline(
                             row.error = _exception_text(exc)
                             if name in started_at:
                                 row.seconds = time.perf_counter() - started_at[name]
-                            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                            logger.error("stage %s failed: %s\n%s", name, row.error, tb)
+                            tb = "" if exc is None or type(exc).__name__ == "KilledWorker" else \
+                                "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                            logger.error("stage %s failed: %s%s", name, row.error, tb)
                             if tracker is not None:
                                 tracker.stage_failed(stage, row.error)
+                    progress.finished(name, row.status)
             client.unsubscribe_topic(topic)
         final_status = "FINISHED" if summary.ok else "FAILED"
     except KeyboardInterrupt:
@@ -245,6 +284,8 @@ def run_pipeline(
         raise
     finally:
         summary.wall_s = time.perf_counter() - t_start
+        progress.close()
         if tracker is not None:
             tracker.finish(final_status, summary.to_dict())
+        run_log.close()
     return summary

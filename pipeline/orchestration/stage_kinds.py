@@ -168,7 +168,7 @@ def _validate_signature_params(func_path: str, reserved: tuple[str, ...]) -> Cal
 # ---------------------------------------------------------------------------------------------- adapters
 
 
-_INGEST_PARAMS = frozenset({"geometry", "split_seed"})
+_INGEST_PARAMS = frozenset({"geometry", "split_seed", "columns"})
 
 
 def _run_ingest(ctx: StageContext) -> StageResult:
@@ -182,6 +182,7 @@ def _run_ingest(ctx: StageContext) -> StageResult:
             sources=sources,
             out_dir=out,
             geometry=ctx.params.get("geometry"),
+            columns=ctx.params.get("columns"),
             scheduler=ctx.scheduler,
             overwrite=True,
             split_seed=int(ctx.params.get("split_seed", 0)),
@@ -281,6 +282,7 @@ def _run_generate(ctx: StageContext) -> StageResult:
         "scheduler": ctx.scheduler,
         "progress": False,
         "parts_dir": ctx.work_dir / "_parts",
+        "overwrite": True,  # the stage's own output in its stage directory (a resumed attempt rewrites it)
     }
     for key in ("batch_size", "shard_size"):
         if key in params:

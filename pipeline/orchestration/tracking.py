@@ -29,18 +29,31 @@ in MeV. The student is registered (``tracking.registered_model`` in the DAG) and
 They are logged as "models from code" (``pipeline/orchestration/mlflow_model.py``), not as a cloudpickled
 object, so loading one runs that readable file, which opens the model directory with
 :class:`~calodistill.pipeline.data.bundle.ModelBundle` (weights read with ``torch.load(weights_only=True)``).
+
+A run killed without closing its MLflow runs (``kill -9``, a lost machine) leaves them RUNNING: the next
+run of the same DAG in the same run directory marks them KILLED (unless the process that owns them is
+still alive on this host), and a stage it resumes gets the whole curve: the metric history of the
+attempt it continues, and the per-epoch history the model directory keeps (:mod:`.run_recovery`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
+import os
 import shutil
+import socket
 import subprocess
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
 
 from ..data.store import DEFAULT_TRACKING_FILE, resolve_tracking_uri
 
@@ -59,7 +72,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MAX_PARAM_LEN = 6000
-
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -120,14 +132,13 @@ class ShowerGeneratorModel(_PythonModel):  # type: ignore[misc,valid-type]
 
         self.generator = ModelBundle.open(Path(context.artifacts["model_dir"])).generator()
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001,ANN201
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> np.ndarray:
         """Sample one shower per incident energy (MeV).
 
-        Left unannotated on purpose: MLflow 3 reads type hints on ``predict`` as an input schema and
-        would override the explicit signature the pipeline logs.
+        ``model_input`` is annotated ``pd.DataFrame``, a type MLflow takes no schema from: the explicit
+        signature the pipeline logs stays the model's schema (and MLflow does not warn about a missing hint).
         """
-        import numpy as np
-
         if hasattr(model_input, "columns"):
             energies = np.asarray(model_input["incident_energy"], dtype=np.float64)
         else:
@@ -166,6 +177,7 @@ class PipelineTracker:
         self.stage_runs: dict[str, str] = {}
         self._monitors: dict[str, Any] = {}
         self._logged_steps: dict[str, set[tuple[str, int]]] = {}
+        self._resumed: set[str] = set()
 
     # ------------------------------------------------------------------------------------- parent run
     def _experiment(self) -> str:
@@ -190,6 +202,8 @@ class PipelineTracker:
             "calodistill.dag": self.dag.name,
             "calodistill.dag_path": str(self.dag.path),
             "calodistill.run_dir": str(self.run_dir.resolve()),
+            "calodistill.host": socket.gethostname(),
+            "calodistill.pid": str(os.getpid()),
             "device": _driver_device(),
         }
         commit = git_commit()
@@ -209,6 +223,7 @@ class PipelineTracker:
             self.client.log_artifact(self.parent_run_id, str(dag_file))
         logger.info("MLflow: parent run %s in experiment %r (%s)", self.parent_run_id,
                     self.dag.tracking.experiment, self.uri)
+        self._safe(self.close_stale_runs)
         return self.parent_run_id
 
     def finish(self, status: str, summary: dict[str, Any] | None = None) -> None:
@@ -221,6 +236,46 @@ class PipelineTracker:
             self._safe(self.client.log_dict, self.parent_run_id, summary, "run_summary.json")
         self._safe(self.client.set_terminated, self.parent_run_id, status)
 
+    # ------------------------------------------------------------------------------ stale and resumed
+    def close_stale_runs(self) -> list[str]:
+        """Mark the runs of this DAG and run directory that a gone process left RUNNING as KILLED.
+
+        See :func:`.run_recovery.close_stale_runs`; returns the ids closed.
+        """
+        from .run_recovery import close_stale_runs
+
+        assert self.experiment_id is not None
+        return close_stale_runs(self.client, self.experiment_id, self.dag.name, self.run_dir,
+                                keep=self.parent_run_id)
+
+    def _continue_attempt(self, stage: StageSpec, run_id: str) -> None:
+        """Start a resumed stage's run with the metrics of the attempt it continues (the curve's first part)."""
+        from .run_recovery import attempt_metrics, previous_attempt
+
+        assert self.experiment_id is not None
+        previous = previous_attempt(self.client, self.experiment_id, self.dag.name, self.run_dir, stage.name,
+                                    exclude=run_id)
+        if previous is None:
+            return
+        self._safe(self.client.set_tag, run_id, "calodistill.resumed_from_run", previous)
+        seen = self._logged_steps[stage.name]
+        items = [m for m in attempt_metrics(self.client, previous) if (m.key, int(m.step)) not in seen]
+        seen.update((m.key, int(m.step)) for m in items)
+        for i in range(0, len(items), 1000):
+            self._safe(self.client.log_batch, run_id, metrics=items[i:i + 1000])
+        logger.info("MLflow: stage %s continues run %s (%d metric values copied)", stage.name, previous, len(items))
+
+    def _log_model_history(self, stage: StageSpec, model_dir: Path) -> None:
+        """Log the epochs of a model directory's training history the stage run does not have yet.
+
+        A resumed training stage reports only the epochs it runs; its ``history.json`` (or last
+        checkpoint) holds them all (:func:`.run_recovery.history_metrics`).
+        """
+        from .run_recovery import history_metrics
+
+        for step, metrics in history_metrics(model_dir):
+            self.log_stage_metrics(stage, metrics, step)
+
     # -------------------------------------------------------------------------------------- stage runs
     def _safe(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -229,16 +284,24 @@ class PipelineTracker:
             logger.warning("MLflow: %s failed: %s", getattr(fn, "__name__", fn), " ".join(str(exc).split())[:300])
             return None
 
-    def stage_run(self, stage: StageSpec, monitor: bool = True) -> str:
-        """The nested run of ``stage`` (created, with system-metrics monitoring, on first use)."""
+    def stage_run(self, stage: StageSpec, monitor: bool = True, resumed: bool = False) -> str:
+        """The nested run of ``stage`` (created, with system-metrics monitoring, on first use).
+
+        For a stage that ``resumed`` an interrupted attempt, the new run starts with that attempt's metrics.
+        """
         if stage.name in self.stage_runs:
-            return self.stage_runs[stage.name]
+            run_id = self.stage_runs[stage.name]
+            if resumed and stage.name not in self._resumed:
+                self._resumed.add(stage.name)
+                self._safe(self._continue_attempt, stage, run_id)
+            return run_id
         assert self.parent_run_id is not None and self.experiment_id is not None
         tags = {
             "mlflow.parentRunId": self.parent_run_id,
             "calodistill.stage": stage.name,
             "calodistill.kind": stage.kind,
             "calodistill.dag": self.dag.name,
+            "calodistill.run_dir": str(self.run_dir.resolve()),
         }
         commit = self.client.get_run(self.parent_run_id).data.tags.get("git_commit")
         if commit:
@@ -259,6 +322,9 @@ class PipelineTracker:
                 self._safe(self.client.log_batch, run_id, params=items[i:i + 100])
         if monitor:
             self._start_monitor(stage.name, run_id)
+        if resumed:
+            self._resumed.add(stage.name)
+            self._safe(self._continue_attempt, stage, run_id)
         return run_id
 
     def _start_monitor(self, stage: str, run_id: str) -> None:
@@ -284,8 +350,6 @@ class PipelineTracker:
 
     def log_stage_metrics(self, stage: StageSpec, metrics: Mapping[str, float], step: int) -> None:
         """Log one ``log_metrics(metrics, step)`` call of a running stage."""
-        import time
-
         from mlflow.entities import Metric
 
         run_id = self.stage_run(stage)
@@ -307,15 +371,17 @@ class PipelineTracker:
         """Log a finished (or skipped) stage: history, final metrics, tags, artifacts, model; end the run."""
         from mlflow.entities import Metric
 
-        run_id = self.stage_run(stage, monitor=outcome.get("status") == "ran")
+        resumed = bool(outcome.get("resumed"))
+        run_id = self.stage_run(stage, monitor=outcome.get("status") == "ran", resumed=resumed)
         for step, metrics in outcome.get("history", []):
             self.log_stage_metrics(stage, metrics, int(step))
+        model_out = outcome.get("model_output")
+        if resumed and model_out and model_out in outcome.get("outputs", {}):
+            self._safe(self._log_model_history, stage, Path(outcome["outputs"][model_out]))
         seen = self._logged_steps[stage.name]
         last_step: dict[str, int] = {}
         for key, step in seen:
             last_step[key] = max(step, last_step.get(key, -1))
-        import time
-
         ts = int(time.time() * 1000)
         final = [Metric(k, float(v), ts, last_step.get(k, -1) + 1) for k, v in outcome.get("metrics", {}).items()]
         final.append(Metric("stage_seconds", float(outcome.get("duration_s", 0.0)), ts, 0))
@@ -351,17 +417,17 @@ class PipelineTracker:
 
     # ------------------------------------------------------------------------------------------ models
     def _log_model(self, stage: StageSpec, run_id: str, role: str, model_dir: Path) -> None:
-        """Log ``model_dir`` (without training checkpoints) as a pyfunc model; register the student."""
-        import numpy as np
-        import pandas as pd
+        """Log ``model_dir`` (without training checkpoints) as a pyfunc model; register the student.
+
+        With a signature and a one-shower input example (which MLflow checks by loading the logged model
+        and sampling it once); what MLflow prints meanwhile goes to the log (:func:`_output_to_log`).
+        """
         from mlflow.models import infer_signature
 
         mlflow = self._mlflow
         n_voxels = _model_voxels(model_dir)
-        signature = infer_signature(
-            pd.DataFrame({"incident_energy": np.array([10_000.0, 50_000.0])}),
-            np.zeros((2, n_voxels), dtype=np.float32),
-        )
+        example = pd.DataFrame({"incident_energy": np.array([10_000.0])})
+        signature = infer_signature(example, np.zeros((1, n_voxels), dtype=np.float32))
         registered = self.dag.tracking.registered_model if role == "student" else None
         with tempfile.TemporaryDirectory() as tmp:
             staged = Path(tmp) / "model_dir"
@@ -369,12 +435,13 @@ class PipelineTracker:
             previous = mlflow.get_tracking_uri()
             mlflow.set_tracking_uri(self.uri)
             try:
-                with mlflow.start_run(run_id=run_id):
+                with mlflow.start_run(run_id=run_id), _output_to_log(f"log_model({role})"):
                     info = mlflow.pyfunc.log_model(
                         name=role,
                         python_model=str(Path(__file__).with_name("mlflow_model.py")),  # models from code
                         artifacts={"model_dir": str(staged)},
                         signature=signature,
+                        input_example=example,
                         pip_requirements=_pip_requirements(),
                         registered_model_name=registered,
                     )
@@ -390,6 +457,21 @@ class PipelineTracker:
             self.client.set_tag(run_id, "registered_model", f"models:/{registered}@{self.dag.tracking.alias}")
             logger.info("MLflow: registered student as models:/%s@%s (version %s)", registered,
                         self.dag.tracking.alias, version)
+
+
+@contextlib.contextmanager
+def _output_to_log(what: str) -> Iterator[None]:
+    """Collect what is written to stdout/stderr meanwhile (MLflow's ``Successfully registered model``,
+    download bars) and log it at INFO instead of letting it reach the terminal."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        lines = [" ".join(line.split("\r")[-1].split()) for line in buffer.getvalue().splitlines()]
+        text = "; ".join(line for line in lines if line)
+        if text:
+            logger.info("MLflow %s: %s", what, text[:2000])
 
 
 def _model_voxels(model_dir: Path) -> int:

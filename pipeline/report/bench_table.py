@@ -51,12 +51,15 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"FLOPs per shower: {samp['flops_per_shower'] / 1e6:.1f} MFLOP as dense matmuls (the floor's "
             f"shapes); the fast sampler executes {samp['flops_per_shower_executed'] / 1e6:.1f} MFLOP "
             f"(output layer in {samp['output_groups']} groups skipping the MADE mask's zeros); "
-            f"chunks of {samp['chunk_size']} rows; spline inverse: {samp.get('spline', 'torch ops')}.",
+            f"chunks of {samp['chunk_size']} rows; spline inverse: {samp.get('spline', 'torch ops')}."
+            + (f" Teacher: {samp['teacher_sampler']}; nflows' D-pass loop for reference in the last columns."
+               if samp.get("teacher_sampler") else ""),
             "",
             "| batch | teacher ms/shower | student IAF.inverse ms/shower | student fast ms/shower "
             "| speed-up teacher/fast (same batch) | dense matmul floor ms/shower | fast / dense floor "
-            "| fast / its own matmuls | fast GFLOP/s (executed) | floor GFLOP/s |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| fast / its own matmuls | fast GFLOP/s (executed) | floor GFLOP/s "
+            "| teacher nflows D passes ms/shower | teacher speed-up over D passes |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in samp["rows"]:
             b = row["batch"]
@@ -68,27 +71,33 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{_cell(row['student_fast'], b)} | {sp_s} | {_fmt(fl['ms_per_shower']) if fl else '—'} | "
                 f"{_fmt(row.get('student_over_floor'))} | {_fmt(row.get('student_over_own_matmuls'))} | "
                 f"{_fmt(row['student_gflops'])} | "
-                f"{_fmt(fl['gflops']) if fl else '—'} |")
-            for key in ("teacher", "student_iaf", "student_fast"):
-                if row[key]["note"]:
+                f"{_fmt(fl['gflops']) if fl else '—'} | "
+                f"{_cell(row['teacher_dpass'], b) if 'teacher_dpass' in row else '—'} | "
+                f"{_fmt(row.get('teacher_speedup_vs_dpass'))} |")
+            for key in ("teacher", "student_iaf", "student_fast", "teacher_dpass"):
+                if key in row and row[key]["note"]:
                     notes.append(f"† {key}: {row[key]['note']}.")
         lines.append("")
         if notes:
             lines += [*dict.fromkeys(notes), "Every figure was measured at the batch shown; none is extrapolated.", ""]
     tr = result.get("training")
     if tr:
-        lines += ["| training | loss | batch | showers/s | peak memory MB |", "|---|---|---:|---:|---:|"]
+        lines += ["| training | loss | batch | showers/s | steps/s | matmul floor ms/step | step / matmul floor "
+                  "| peak memory MB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for name in ("teacher", "student"):
             r = tr.get(name)
             if not r:
                 continue
             if "error" in r:
-                lines.append(f"| {name} | {r['error']} | — | — | — |")
+                lines.append(f"| {name} | {r['error']} | — | — | — | — | — | — |")
                 continue
+            floor_ms = 1e3 * r["matmul_floor_s"] if "matmul_floor_s" in r else None
             lines.append(f"| {name} | {r['loss']} | {r['batch']} | {_fmt(r['showers_per_s'])} | "
+                         f"{_fmt(r.get('steps_per_s'))} | {_fmt(floor_ms)} | {_fmt(r.get('step_over_floor'))} | "
                          f"{_fmt(r['peak_memory_mb'])} |")
         method = next((tr[n]["memory_method"] for n in ("teacher", "student") if n in tr and "memory_method" in tr[n]), "")
-        lines += ["", f"Peak memory: {method}.", ""]
+        lines += ["", f"Peak memory: {method}. Matmul floor: the products one step executes (forward and "
+                  "backward, recorded at the dispatcher) timed alone, interleaved with the steps.", ""]
     ig = result.get("ingest")
     if ig:
         lines += [

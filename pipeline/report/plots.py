@@ -4,7 +4,8 @@ matplotlib is imported inside the functions, so importing this module is cheap a
 display. Every function takes explicit data and an output path, and returns the path it wrote.
 
 Figures:
-- :func:`plot_average_images`: the mean shower per layer for each sample (reference, teacher, student);
+- :func:`plot_average_images`: the mean shower per layer for each sample (reference, teacher, student),
+  drawn from the geometry: polar layers on polar axes, Cartesian ones as images with x/y in mm;
 - :func:`plot_observable`: the histogram of one observable for every sample with a ratio panel
   (sample / reference) and the separation power in the legend; :func:`plot_observables` draws every
   observable, one figure per kind with all layers side by side;
@@ -100,11 +101,15 @@ def plot_average_images(geometry: Geometry, samples: dict[str, np.ndarray], path
                 mesh = ax.imshow(img, norm=norm, cmap="viridis", aspect="auto", origin="lower",
                                  extent=(e1[0], e1[-1], e0[0], e0[-1]))
                 ax.tick_params(labelsize=6)
+                if i == n_rows - 1:  # Cartesian cells: positions in mm (rows along y, columns along x)
+                    ax.set_xlabel("x [mm]", fontsize=6, labelpad=1)
+                if j == 0:
+                    ax.set_ylabel("y [mm]", fontsize=6, labelpad=1)
             column.append(ax)
             if i == 0:
                 ax.set_title(f"layer {layer.index}", fontsize=9)
             if j == 0:
-                ax.text(-0.3, 0.5, label, transform=ax.transAxes, rotation=90, va="center", ha="center", fontsize=9)
+                ax.text(-0.3 if layer.kind == "polar" else -0.42, 0.5, label, transform=ax.transAxes, rotation=90, va="center", ha="center", fontsize=9)
         cbar = fig.colorbar(mesh, ax=column, orientation="horizontal", fraction=0.04, pad=0.06)
         cbar.ax.tick_params(labelsize=6)
         cbar.ax.xaxis.set_minor_formatter(NullFormatter())

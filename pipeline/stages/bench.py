@@ -3,10 +3,11 @@
 Everything is measured in one process, on one device, for one geometry (CaloChallenge protocol: time
 per shower at batch 1, 100 and 10 000; warm-up calls, several repeats, the median):
 
-- **Sampling.** Flow II only (the part the student replaces): the MAF teacher samples in D sequential
-  passes per block (nflows' loop); the IAF student in one pass, both through ``IAF.inverse`` (the
-  model as trained) and through :class:`flows.fast.FastIAFSampler` (precomputed dense weights, lean
-  spline). Every measurement has a time budget
+- **Sampling.** Flow II only (the part the student replaces): the MAF teacher voxel by voxel through
+  :class:`flows.teacher_sampling.FastMAFSampler` (the fastest honest teacher: the student's speed-up is
+  against it), and for reference through nflows' loop of D full passes per block (``MAF.inverse``); the
+  IAF student in one pass, both through ``IAF.inverse`` (the model as trained) and through
+  :class:`flows.fast.FastIAFSampler` (precomputed dense weights, lean spline). Every measurement has a time budget
   (:class:`~calodistill.pipeline.metrics.throughput.BudgetedTimer`): when a call at the requested batch
   would not fit (judged from the previous, smaller measurement), the largest batch of the 1-2-5 series
   that fits is timed instead and the table says so. Nothing is extrapolated: every number in the table
@@ -19,8 +20,12 @@ per shower at batch 1, 100 and 10 000; warm-up calls, several repeats, the media
 - **Ingest.** :func:`calodistill.pipeline.data.ingest_bench.bench_ingest`: the Dask ingest of an HDF5 file
   against one plain ``pyarrow.parquet.write_table`` of the same arrays in one process.
 - **Training.** Optimiser steps of the teacher (maximum likelihood, :func:`flows.losses.nll_loss`) and
-  of the student (CaloFlow II distillation, :func:`flows.distillation.distillation_step_loss`): showers
-  per second and peak memory (:class:`~calodistill.pipeline.metrics.memory.PeakMemory`).
+  of the student (CaloFlow II distillation, :func:`flows.distillation.distillation_step_loss` with
+  :class:`flows.config.DistillConfig`'s defaults): showers and steps per second, peak memory
+  (:class:`~calodistill.pipeline.metrics.memory.PeakMemory`) and the ratio to the step's dense-matmul
+  floor: the matrix products the step executes, forward and backward, recorded
+  (:func:`~calodistill.pipeline.metrics.throughput.capture_matmuls`) and timed alone, interleaved with
+  the steps.
 
 The tables are rendered by :mod:`calodistill.pipeline.report.bench_table`.
 
@@ -54,13 +59,13 @@ from ...flows.models import IAF, MAF
 from ..data.bundle import FLOW2_FILES, ModelBundle
 from ..errors import CalodistillError
 from ..metrics.memory import PeakMemory
-from ..metrics.throughput import BudgetedTimer, Timing, matmul_floor_call
+from ..metrics.throughput import BudgetedTimer, Timing, capture_matmuls, matmul_floor_call, matmul_replay_call
 from ..metrics.timing import time_calls
 from ..report.bench_table import render_markdown
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CALOFLOW_SIZES", "SECTIONS", "flat_metrics", "load_models_from_dirs", "run_bench"]
+__all__ = ["CALOFLOW_SIZES", "PRESETS", "SECTIONS", "flat_metrics", "load_models_from_dirs", "run_bench"]
 
 DEFAULT_GEOMETRY = "calochallenge-1-photons"
 DEFAULT_BATCHES = (1, 100, 10_000)
@@ -73,6 +78,13 @@ CALOFLOW_SIZES: dict[str, tuple[int, int]] = {
 }
 
 SECTIONS = ("sampling", "floor", "ingest", "training")
+
+#: Sizes that replace the defaults under ``preset``: "quickstart" is dags/quickstart.yaml's teacher and
+#: student (CaloGAN, 4 spline blocks of hidden 64) with its training batches (teacher 256, distillation 32).
+PRESETS: dict[str, dict[str, Any]] = {
+    "quickstart": {"geometry": "calogan", "teacher_hidden": 64, "student_hidden": 64, "n_blocks": 4,
+                   "teacher_train_batch": 256, "student_train_batch": 32},
+}
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -137,9 +149,11 @@ def _sampling_section(teacher: Any, student: Any, device: torch.device, batches:
                       budget_s: float, repeats: int, warmup: int, chunk_size: int | None,
                       with_floor: bool, seed: int) -> dict[str, Any]:
     from ...flows.fast import FastIAFSampler
+    from ...flows.teacher_sampling import FastMAFSampler
 
     teacher = teacher.to(device).eval()
     student = student.to(device).eval()
+    teacher_fast = FastMAFSampler(teacher)
     sampler = FastIAFSampler(student, chunk_size=chunk_size)
     dense = FastIAFSampler(student, chunk_size=chunk_size, groups=1)  # the dense shapes, for the floor
     d = student.config.features
@@ -154,6 +168,9 @@ def _sampling_section(teacher: Any, student: Any, device: torch.device, batches:
         return None if c_all is None else c_all[:b]
 
     def teacher_call(b: int) -> Callable[[], Any]:
+        return lambda: teacher_fast.sample(z_all[:b], ctx(b))
+
+    def teacher_dpass_call(b: int) -> Callable[[], Any]:
         def call() -> Any:
             with torch.inference_mode():
                 return teacher.inverse(z_all[:b], ctx(b))
@@ -169,7 +186,9 @@ def _sampling_section(teacher: Any, student: Any, device: torch.device, batches:
         return lambda: sampler.sample(z_all[:b], ctx(b))
 
     timers = {
-        "teacher": BudgetedTimer("teacher (MAF, D passes)", teacher_call, device, budget_s, repeats, min(warmup, 1)),
+        "teacher": BudgetedTimer("teacher (MAF, incremental)", teacher_call, device, budget_s, repeats, min(warmup, 1)),
+        "teacher_dpass": BudgetedTimer("teacher (MAF, nflows D passes)", teacher_dpass_call, device, budget_s,
+                                       repeats, min(warmup, 1)),
         "student_iaf": BudgetedTimer("student (IAF.inverse)", student_call, device, budget_s, repeats, warmup),
         "student_fast": BudgetedTimer("student (FastIAFSampler)", fast_call, device, budget_s, repeats, warmup),
     }
@@ -188,6 +207,11 @@ def _sampling_section(teacher: Any, student: Any, device: torch.device, batches:
             t, note = timers["student_fast"].measure(tb)
             same = {**t.to_dict(), "note": note}
         row["student_fast_at_teacher_batch"] = same
+        # the incremental teacher against nflows' D passes, at the batch the D passes were timed
+        db = row["teacher_dpass"]["batch"]
+        fast_teacher = row["teacher"] if tb == db else {**timers["teacher"].measure(db)[0].to_dict(), "note": ""}
+        row["teacher_speedup_vs_dpass"] = (row["teacher_dpass"]["ms_per_shower"] / fast_teacher["ms_per_shower"]
+                                           if fast_teacher["batch"] == db else None)
         row["speedup_fast"] = row["teacher"]["ms_per_shower"] / same["ms_per_shower"] if same["batch"] == tb else None
         same_iaf = row["student_iaf"] if row["student_iaf"]["batch"] == tb else None
         row["speedup_iaf"] = (row["teacher"]["ms_per_shower"] / same_iaf["ms_per_shower"]
@@ -221,6 +245,8 @@ def _sampling_section(teacher: Any, student: Any, device: torch.device, batches:
         "matmul_shapes_per_shower": [list(s[1:]) for s in dense.matmul_shapes(1)],
         "chunk_size": chunk_size,
         "spline": _spline_description(sampler),
+        "teacher_sampler": ("flows.teacher_sampling.FastMAFSampler (voxel by voxel, first layer updated incrementally, "
+                            + ("compiled spline)" if teacher_fast.native else "torch spline)")),
         "rows": rows,
     }
 
@@ -240,6 +266,7 @@ def _spline_description(sampler: Any) -> str:
 
 def _training_section(teacher: Any, student: Any, device: torch.device, steps: int,
                       teacher_batch: int, student_batch: int, seed: int) -> dict[str, Any]:
+    from ...flows.config import DistillConfig
     from ...flows.losses import nll_loss
 
     out: dict[str, Any] = {}
@@ -264,12 +291,22 @@ def _training_section(teacher: Any, student: Any, device: torch.device, steps: i
             opt.step()
 
         step()  # warm-up (allocates the optimiser state)
+        calls = capture_matmuls(step)  # the products one step executes, forward and backward
+        floor = matmul_replay_call(calls, device, next(model.parameters()).dtype)
+        floor()
         with PeakMemory(device) as mem:
-            seconds = time_calls(step, device, steps, 0)
-        med = statistics.median(seconds)
+            seconds, floor_seconds = [], []
+            for _ in range(steps):  # step and floor interleaved: the same machine conditions
+                seconds += time_calls(step, device, 1, 0)
+                floor_seconds += time_calls(floor, device, 1, 0)
+        med, fmed = statistics.median(seconds), statistics.median(floor_seconds)
+        gflop = sum(c.flops for c in calls) / 1e9
         out[name] = {"batch": batch, "steps": steps, "median_step_s": med, "showers_per_s": batch / med,
+                     "steps_per_s": 1.0 / med, "matmuls_per_step": len(calls), "matmul_gflop_per_step": gflop,
+                     "matmul_floor_s": fmed, "step_over_floor": med / fmed, "floor_gflops": gflop / fmed,
                      "peak_memory_mb": mem.peak_mb, "memory_method": mem.method}
-        logger.info("bench training %s: %.4g showers/s, peak %.4g MB", name, batch / med, mem.peak_mb)
+        logger.info("bench training %s: %.4g showers/s, %.3g x its matmul floor, peak %.4g MB", name, batch / med,
+                    med / fmed, mem.peak_mb)
 
     for flow in (teacher, student):  # drop inference-mode weight caches before copying
         flow.set_weight_cache(True)
@@ -284,9 +321,16 @@ def _training_section(teacher: Any, student: Any, device: torch.device, steps: i
     for p in frozen.parameters():
         p.requires_grad_(False)
     s = copy.deepcopy(student).to(device)
-    run("student", s, lambda x, ctx: distillation_step_loss(frozen, s, x, ctx, beta=0.5, fully_guided=True)[0],
-        student_batch)
-    out["student"]["loss"] = "CaloFlow II distillation (x-pass + z-pass, fully guided), teacher frozen"
+    dc = DistillConfig()  # the defaults, which the quickstart uses
+
+    def distill_loss(x: Tensor, ctx: Tensor | None) -> Tensor:
+        return distillation_step_loss(frozen, s, x, ctx, dc.beta, dc.fully_guided, dc.reduction, dc.params_weight,
+                                      dc.x_pass, dc.noise_weight, dc.kl_weight)[0]
+
+    run("student", s, distill_loss, student_batch)
+    out["student"]["loss"] = (f"CaloFlow II distillation ({dc.x_pass} x-pass + z-pass, "
+                              f"{'fully guided' if dc.fully_guided else 'end points'}, noise weight {dc.noise_weight:g}), "
+                              "teacher frozen")
     out["teacher"]["loss"] = "maximum likelihood (nll_loss)"
     return out
 
@@ -328,7 +372,7 @@ def run_bench(geometry: str | None = DEFAULT_GEOMETRY, device: str | None = None
               sections: Sequence[str] = SECTIONS, ingest_n: int = 20_000, ingest_geometry: str | None = None,
               ingest_scheduler: str | None = None, train_steps: int = 5, teacher_train_batch: int = 200,
               student_train_batch: int = 175, chunk_size: int | None = 256, threads: int | None = None,
-              quick: bool = False, seed: int = 0) -> dict[str, Any]:
+              quick: bool = False, seed: int = 0, preset: str | None = None) -> dict[str, Any]:
     """Run the benchmark and return its results (JSON-able), with ``markdown`` and flat ``metrics``.
 
     Args:
@@ -352,10 +396,19 @@ def run_bench(geometry: str | None = DEFAULT_GEOMETRY, device: str | None = None
         threads: torch intra-op threads for the run (None: leave as is).
         quick: small batches, 2 repeats, 1 warm-up, short budget, small ingest and few steps.
         seed: seed of models and inputs.
+        preset: a name in :data:`PRESETS` ("quickstart"): its geometry, sizes and training batches replace
+            those arguments (hidden sizes given explicitly still win).
     """
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise CalodistillError(f"sections: unknown {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise CalodistillError(f"preset: unknown {preset!r} (known: {', '.join(PRESETS)})")
+        p = PRESETS[preset]
+        geometry, n_blocks = p["geometry"], p["n_blocks"]
+        teacher_hidden, student_hidden = teacher_hidden or p["teacher_hidden"], student_hidden or p["student_hidden"]
+        teacher_train_batch, student_train_batch = p["teacher_train_batch"], p["student_train_batch"]
     if quick:
         batches = batches or QUICK_BATCHES
         repeats, warmup = min(repeats, 2), min(warmup, 1)
@@ -456,6 +509,8 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
         for row in samp["rows"]:
             b = row["batch"]
             m[f"teacher_ms_per_shower_b{row['teacher']['batch']}"] = row["teacher"]["ms_per_shower"]
+            if "teacher_dpass" in row:
+                m[f"teacher_dpass_ms_per_shower_b{row['teacher_dpass']['batch']}"] = row["teacher_dpass"]["ms_per_shower"]
             m[f"student_fast_ms_per_shower_b{row['student_fast']['batch']}"] = row["student_fast"]["ms_per_shower"]
             m[f"student_iaf_ms_per_shower_b{row['student_iaf']['batch']}"] = row["student_iaf"]["ms_per_shower"]
             if row.get("speedup_fast") is not None:
@@ -467,6 +522,8 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     for name in ("teacher", "student"):
         if name in tr and "showers_per_s" in tr[name]:
             m[f"train_{name}_showers_per_s"] = tr[name]["showers_per_s"]
+            m[f"train_{name}_steps_per_s"] = tr[name]["steps_per_s"]
+            m[f"train_{name}_over_matmul_floor"] = tr[name]["step_over_floor"]
             m[f"train_{name}_peak_mb"] = tr[name]["peak_memory_mb"]
     ig = result.get("ingest")
     if ig:

@@ -2,8 +2,9 @@
 
 :func:`distill_student` takes paths and a :class:`DistillStageConfig` (or a mapping of overrides for
 one) and returns metrics. STUDENT_DIR is a self-contained generator directory (``preprocessing.json``,
-``flow1.pt`` copied from the teacher's directory, ``student.pt``) plus ``distill_config.json``,
-``metrics.json``, ``history.json`` and ``checkpoints/student/`` (resumable).
+``flow1.pt`` copied from the teacher's directory, ``student.pt``) plus ``provenance.json`` (teacher and
+dataset digests, settings: :mod:`.provenance`), ``distill_config.json``, ``metrics.json``,
+``history.json`` and ``checkpoints/student/`` (resumable with the same teacher, dataset and settings).
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from ...flows.config import STUDENT_FIELDS, DistillConfig, FlowConfig, TrainConf
 from ...flows.errors import FlowsError
 from ..atomic import atomic_write_json
 from ..config import as_config, config_to_dict
+from ..data.bundle import ModelBundle
 from ..errors import CalodistillError
+from .provenance import check_model_dir, compared_config, start_model_dir
 from .train_teacher import (
     MetricsCallback,
     _prepare,
     compare_summaries,
     load_splits,
     shower_summary,
+    training_data_record,
 )
 
 __all__ = [
@@ -148,29 +152,16 @@ def compare_flow2_observables(geometry: Any, teacher_voxels: np.ndarray, student
     return out
 
 
-def _load_teacher_dir(teacher_dir: Path) -> tuple[Any, Any, Any]:
-    from ...flows.errors import FlowsError
-    from ...flows.models import MAF
-    from ...flows.preprocessing import CaloFlowPreprocessor
-    from ...flows.serialization import (
-        FLOW1_FILE,
-        PREPROCESSING_FILE,
-        TEACHER_FILE,
-        load_flow,
-    )
+def _open_teacher_dir(teacher_dir: Path) -> ModelBundle:
+    """The teacher's model directory, opened and checked (its flows are loaded on first use)."""
+    from ...flows.serialization import FLOW1_FILE, PREPROCESSING_FILE, TEACHER_FILE
 
+    if not teacher_dir.is_dir():
+        raise CalodistillError(f"{teacher_dir}: no such model directory")
     for name in (PREPROCESSING_FILE, FLOW1_FILE, TEACHER_FILE):
         if not (teacher_dir / name).is_file():
             raise CalodistillError(f"{teacher_dir}: missing {name} (not a model directory from `calodistill train-teacher`)")
-    try:
-        pre = CaloFlowPreprocessor.load(teacher_dir / PREPROCESSING_FILE)
-        flow1 = load_flow(teacher_dir / FLOW1_FILE)
-        teacher = load_flow(teacher_dir / TEACHER_FILE)
-    except FlowsError as exc:
-        raise CalodistillError(str(exc)) from None
-    if not isinstance(teacher, MAF):
-        raise CalodistillError(f"{teacher_dir / TEACHER_FILE}: expected a MAF teacher")
-    return pre, flow1, teacher
+    return ModelBundle.open(teacher_dir, kind="teacher", label="--teacher")
 
 
 def distill_student(
@@ -180,6 +171,7 @@ def distill_student(
     config: Mapping[str, Any] | DistillStageConfig | None = None,
     log_metrics: MetricsCallback | None = None,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Distil an IAF student from the teacher in ``teacher_dir`` on the dataset ``data_dir``.
 
@@ -190,10 +182,12 @@ def distill_student(
     Args:
         teacher_dir: a model directory written by :func:`pipeline.train.train_teacher`.
         data_dir: the dataset the teacher was trained on (train/val/test splits).
-        out_dir: the student directory to write (an interrupted run there is resumed).
+        out_dir: the student directory to write (an interrupted run there is resumed when it was made from
+            the same teacher, dataset and settings, else refused: :func:`.provenance.check_model_dir`).
         config: a :class:`DistillStageConfig` or a (nested or dotted-key) dict.
         log_metrics: ``log_metrics(metrics, step)`` each epoch (``distill_*`` keys) and at the end.
         device: "cpu", "cuda" or None (CUDA when present).
+        overwrite: start over in an existing student directory instead of resuming.
 
     Returns:
         Metrics: ``test_nll`` (student, exact, on ``nll_subset`` test showers), ``teacher_test_nll``
@@ -226,22 +220,35 @@ def distill_student(
     from ...flows.serialization import save_generator_dir
     from ...flows.training import evaluate_nll
 
+    from ..data.dataset import dataset_hash, open_dataset
+
     cfg = as_config(DistillStageConfig, config)
     t0 = time.perf_counter()
     teacher_dir, data_dir, out_dir = Path(teacher_dir), Path(data_dir), Path(out_dir)
-    if not teacher_dir.is_dir():
-        raise CalodistillError(f"{teacher_dir}: no such model directory")
     dev = resolve_device(device)
-    pre, flow1, teacher = _load_teacher_dir(teacher_dir)
+    # every check before anything is written: the teacher, the dataset, then what --out holds
+    bundle = _open_teacher_dir(teacher_dir)
+    pre, flow1, teacher = bundle.preprocessing, bundle.flow1, bundle.flow2
+    open_dataset(data_dir)
+    settings = config_to_dict(cfg)
+    record: dict[str, Any] = {"stage": "distill", "teacher_dir": str(teacher_dir.resolve()),
+                              "teacher_digest": bundle.weights_digest, "dataset_dir": str(data_dir.resolve()),
+                              "dataset_digest": dataset_hash(data_dir), "config": compared_config(settings)}
+    if out_dir.resolve() == teacher_dir.resolve():
+        raise CalodistillError(f"--out {out_dir}: is the --teacher directory; the student needs its own directory")
+    plan = check_model_dir(out_dir, record, overwrite=overwrite)
     ds, train, val, test = load_splits(data_dir, cfg.max_train)
     geometry = ds.geometry
+    bundle.check_geometry(geometry, f"dataset {data_dir}")
     if list(geometry.layer_sizes) != list(pre.layer_sizes):
         raise CalodistillError(
             f"{data_dir}: geometry {geometry.name} (layers {list(geometry.layer_sizes)}) does not match the teacher's "
             f"preprocessing (layers {list(pre.layer_sizes)})"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "distill_config.json", {**config_to_dict(cfg), "teacher_dir": str(teacher_dir)})
+    record.update(training_data_record(geometry.name, train), geometry=geometry.to_dict())  # the model carries it
+    if bundle.energy_range is not None:  # Flow I is the teacher's: its training range is the model's
+        record["incident_energy_range"] = list(bundle.energy_range)
+    start_model_dir(plan, record, "distill_config.json", {**settings, "teacher_dir": str(teacher_dir)})
     tr, va, te = (_prepare(pre, s, cfg.seed + i) for i, s in enumerate((train, val, test)))
     n_voxels = geometry.n_voxels
 

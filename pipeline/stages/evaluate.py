@@ -161,7 +161,7 @@ def _read_generated(labels: dict[str, Path], geo: Geometry, max_showers: int | N
         if path.suffix.lower() in (".h5", ".hdf5") and geo.name.startswith("calochallenge"):
             check_calochallenge_layout(path, geo)
             metrics[f"calochallenge_layout_ok_{label}"] = 1.0
-        showers = read_showers(path, geo.name)
+        showers = read_showers(path, geo)
         if showers.geometry.n_voxels != geo.n_voxels or showers.geometry.name != geo.name:
             raise CalodistillError(f"{path}: geometry {showers.geometry.name} does not match the reference's {geo.name}")
         if len(showers) == 0:
@@ -173,9 +173,13 @@ def _read_generated(labels: dict[str, Path], geo: Geometry, max_showers: int | N
 
 
 # ----------------------------------------------------------------------------------------------- models
-def _load_generator(model_dir: Path, kind: str, device: Any) -> Any:
-    """The shower generator (Flow I + the ``kind`` Flow II) of a model directory."""
-    return ModelBundle.open(model_dir, kind=kind, label=f"{kind}_dir").generator(device)
+def _load_generator(model_dir: Path, kind: str, device: Any, geometry: Geometry | None = None) -> Any:
+    """The shower generator (Flow I + the ``kind`` Flow II) of a model directory; refused when the model
+    was trained on another geometry than ``geometry``."""
+    bundle = ModelBundle.open(model_dir, kind=kind, label=f"{kind}_dir")
+    if geometry is not None:
+        bundle.check_geometry(geometry, "the reference")
+    return bundle.generator(device)
 
 
 def _sample_model(generator: Any, reference: Showers, n: int, device: Any, seed: int) -> Showers:
@@ -334,7 +338,6 @@ def evaluate_showers(
           :func:`check_calochallenge_layout`.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cls_config = classifier if isinstance(classifier, ClassifierConfig) else ClassifierConfig.from_dict(classifier)
     if device is not None and cls_config.device is None:
         cls_config = ClassifierConfig(**{**cls_config.__dict__, "device": device})
@@ -355,7 +358,7 @@ def evaluate_showers(
     models: dict[str, Any] = {}
     for name, mdir in (("teacher", teacher_dir), ("student", student_dir)):
         if mdir is not None:
-            models[name] = _load_generator(Path(mdir), name, dev)
+            models[name] = _load_generator(Path(mdir), name, dev, geo)
             for part, history in split_histories(name, load_history(Path(mdir))).items():
                 details.setdefault("history", {})[part] = history
             if sample_missing and name not in samples:
@@ -394,6 +397,7 @@ def evaluate_showers(
                                               timing_max_seconds, seed).items():
                     metrics[f"time_ms_per_shower_{name}_b{bs}"] = ms
 
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed evaluation leaves no empty directory
     if plots:
         _draw_plots(out_dir / "plots", ref, samples, obs_ref, obs, seps, edges, per_bin,
                     details.get("history", {}), observable_plots)

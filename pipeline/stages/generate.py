@@ -17,9 +17,11 @@ The model is opened once (:class:`~calodistill.pipeline.data.bundle.ModelBundle`
 CUDA when present. When N exceeds ``--shard-size`` the work is split into shards, each written atomically
 as a partition file (on the Dask cluster at ``--scheduler`` if given, where each task re-opens the model
 from its path; in this process otherwise, with the open model; finished partitions are reused when the
-same command is run again), then joined into the final file, written atomically. Everything is checked
-before anything is written: invalid energies, an unknown model or an unwritable output give a one-line
-error and no file.
+same command is run again with the same model, seed, batch size and device; another set-up starts the
+shards over), then joined into the final file, written atomically. Everything is checked before anything
+is written: invalid energies, energies outside the model's training range (unless
+``--allow-extrapolation``), an unknown model, an existing output (unless ``--overwrite``) or an
+unwritable one give a one-line error and no file.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -40,11 +41,15 @@ import numpy as np
 
 from ...flows.device import resolve_device
 from ..data.bundle import ModelBundle
+from ..atomic import atomic_write_json
 from ..errors import CalodistillError
+from ..outputs import check_output_file, removing_created_parents
 
 __all__ = [
+    "ENERGY_RANGE_TOLERANCE",
     "EnergySpec",
     "LADDER_MEV",
+    "check_energy_range",
     "generate_showers_file",
     "parse_energy",
     "parse_energy_spec",
@@ -58,6 +63,10 @@ _ENERGY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*
 #: CaloChallenge dataset 1 incident energies: 256 MeV × 2^k, k = 0..14 (256 MeV ... 4.19 TeV).
 LADDER_MEV: tuple[float, ...] = tuple(256.0 * 2.0**k for k in range(15))
 _OUTPUT_SUFFIXES = {".h5", ".hdf5", ".parquet"}
+#: Requested energies may lie this fraction of the training range's width beyond either edge (the edges
+#: are the extremes of a sample: a range of 1-100 GeV is recorded as, say, 1.6-99.6 GeV), but never below
+#: half the lowest training energy.
+ENERGY_RANGE_TOLERANCE = 0.1
 
 def parse_energy(text: str, where: str = "--energies") -> float:
     """``"50GeV"`` → 50000.0 (MeV); a bare number is MeV. Positive and finite, else CalodistillError."""
@@ -88,6 +97,13 @@ class EnergySpec:
     values: tuple[float, ...] = ()
     low: float = 0.0
     high: float = 0.0
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The lowest and highest energy this spec can give (MeV)."""
+        if self.values:
+            return min(self.values), max(self.values)
+        return self.low, self.high
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """``n`` incident energies (MeV, float64); discrete kinds give equal shares in random order."""
@@ -164,19 +180,47 @@ def _generate_shard(model: ModelBundle | str, kind: str, energies: np.ndarray, b
     return {"part": part, "n": len(energies), "sample_s": seconds}
 
 
-def _check_output(out: Path) -> None:
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise CalodistillError(f"--out {out}: is a directory, not a file (give a file name ending in .h5, "
+                               ".hdf5 or .parquet)")
     if out.suffix.lower() not in _OUTPUT_SUFFIXES:
         raise CalodistillError(f"--out {out}: unknown output type {out.suffix!r} (use .h5, .hdf5 or .parquet)")
-    if out.is_dir():
-        raise CalodistillError(f"--out {out}: is a directory")
-    parent = out.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise CalodistillError(f"--out {out}: directory {probe} is not writable")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise CalodistillError(f"--out {out}: file exists and is not writable")
+    check_output_file(out, overwrite=overwrite)
+
+
+def _format_energy(mev: float) -> str:
+    if mev < 1e3:
+        return f"{mev:.4g} MeV"
+    return f"{mev / 1e3:.4g} GeV" if mev < 1e6 else f"{mev / 1e6:.4g} TeV"
+
+
+def check_energy_range(spec: EnergySpec, text: str, energy_range: tuple[float, float] | None,
+                       allow_extrapolation: bool = False) -> None:
+    """Refuse energies outside the model's training range, widened by :data:`ENERGY_RANGE_TOLERANCE`.
+
+    Args:
+        spec: the parsed ``--energies``.
+        text: the ``--energies`` text, for the message.
+        energy_range: the training split's incident-energy range (MeV), None when the model does not record it.
+        allow_extrapolation: only warn (``--allow-extrapolation``).
+    """
+    if energy_range is None:
+        logger.debug("the model records no training energy range: --energies %s not checked", text)
+        return
+    low, high = spec.bounds
+    lo, hi = energy_range
+    margin = ENERGY_RANGE_TOLERANCE * (hi - lo)
+    accept_lo, accept_hi = max(lo - margin, lo / 2), hi + margin
+    if low >= accept_lo and high <= accept_hi:
+        return
+    asked = _format_energy(low) if low == high else f"{_format_energy(low)} to {_format_energy(high)}"
+    msg = (f"--energies {text}: {asked} is outside the model's training range {_format_energy(lo)} to "
+           f"{_format_energy(hi)} (accepted: {_format_energy(accept_lo)} to {_format_energy(accept_hi)})")
+    if not allow_extrapolation:
+        raise CalodistillError(f"{msg}; the showers would be extrapolated, pass --allow-extrapolation to "
+                               "generate them anyway")
+    logger.warning("%s: extrapolating (--allow-extrapolation)", msg)
 
 
 def generate_showers_file(
@@ -192,6 +236,8 @@ def generate_showers_file(
     parts_dir: Path | None = None,
     progress: bool = True,
     tracking_uri: str | None = None,
+    overwrite: bool = False,
+    allow_extrapolation: bool = False,
 ) -> dict[str, Any]:
     """Generate ``n`` showers at incident energies drawn from ``energies`` into ``out``.
 
@@ -208,13 +254,19 @@ def generate_showers_file(
         parts_dir: where partitions go (default: ``.<out name>.parts`` beside ``out``, removed at the end).
         progress: show a progress bar over shards.
         tracking_uri: MLflow tracking URI for ``models:/`` URIs.
+        overwrite: replace an existing ``out`` (else refused).
+        allow_extrapolation: generate at energies outside the model's training range, with a warning
+            (else refused: :func:`check_energy_range`).
 
     Returns:
         ``{"out", "n", "geometry", "model_kind", "sample_seconds", "sample_ms_per_shower", "write_seconds",
-        "n_shards"}``.
+        "n_shards", "n_sampled", "device"}``: ``sample_ms_per_shower`` is the sampling time of the
+        ``n_sampled`` showers sampled in this call (shards reused from an interrupted call are not timed;
+        NaN when every shard was reused).
 
     Raises:
-        CalodistillError: invalid ``n``/energies/batch size, unknown model, unwritable output; nothing is written.
+        CalodistillError: invalid ``n``/energies/batch size, unknown model, an existing or unwritable output,
+            energies outside the training range; nothing is written.
     """
 
     t_start = time.perf_counter()
@@ -224,9 +276,10 @@ def generate_showers_file(
     if batch_size <= 0 or shard_size <= 0:
         raise CalodistillError(f"--batch-size/--shard-size: must be positive, got {batch_size}/{shard_size}")
     spec = parse_energy_spec(energies)
-    _check_output(out)
-    with tempfile.TemporaryDirectory(prefix="calodistill-gen-") as tmp:
+    _check_output(out, overwrite)
+    with removing_created_parents(out), tempfile.TemporaryDirectory(prefix="calodistill-gen-") as tmp:
         bundle = ModelBundle.open(model, tracking_uri=tracking_uri, cache_dir=Path(tmp))
+        check_energy_range(spec, energies, bundle.energy_range, allow_extrapolation)
         kind = bundle.kind
         geometry = bundle.geometry
         particle = bundle.particle
@@ -236,6 +289,7 @@ def generate_showers_file(
         n_shards = max(1, math.ceil(n / shard_size))
         out.parent.mkdir(parents=True, exist_ok=True)
 
+        n_sampled = int(n)
         if n_shards == 1:
             t0 = time.perf_counter()
             voxels = _sample(bundle, e_inc, batch_size, dev, seed)
@@ -247,41 +301,74 @@ def generate_showers_file(
             write_showers(Showers(geometry, e_inc, voxels, particle=particle), out)
             write_s = time.perf_counter() - t1
         else:
-            sample_s, write_s = _generate_sharded(
+            # everything a shard's showers depend on: a resumed call with another set-up starts over
+            manifest = {"model": str(model), "model_hash": bundle.digest, "n": int(n), "energies": energies,
+                        "seed": seed, "shard_size": shard_size, "batch_size": batch_size, "device": dev,
+                        "scheduler": bool(scheduler)}
+            sample_s, write_s, n_sampled = _generate_sharded(
                 bundle, e_inc, out, batch_size, dev, scheduler, seed, shard_size, parts_dir, progress,
-                geometry.name, particle, manifest={"model": str(model), "n": int(n), "energies": energies,
-                                                   "seed": seed, "shard_size": shard_size,
-                                                   "model_hash": bundle.digest},
+                geometry, particle, manifest=manifest,
             )
-    ms = 1000.0 * sample_s / n
-    logger.info("generated %d showers with the %s in %.1f s (%.4f ms/shower sampling) -> %s",
-                n, kind, time.perf_counter() - t_start, ms, out)
+    ms = 1000.0 * sample_s / n_sampled if n_sampled else float("nan")
+    logger.info("generated %d showers with the %s in %.1f s (%.4f ms/shower sampling, timed on %d) -> %s",
+                n, kind, time.perf_counter() - t_start, ms, n_sampled, out)
     return {"out": str(out), "n": int(n), "geometry": geometry.name, "model_kind": kind,
             "sample_seconds": sample_s, "sample_ms_per_shower": ms, "write_seconds": write_s,
-            "n_shards": n_shards, "device": dev}
+            "n_shards": n_shards, "n_sampled": n_sampled, "device": dev}
 
 
 def _generate_sharded(bundle: ModelBundle, e_inc: np.ndarray, out: Path, batch_size: int, device: str,
                       scheduler: str | None, seed: int, shard_size: int, parts_dir: Path | None, progress: bool,
-                      geometry: str, particle: str | None, manifest: dict[str, Any]) -> tuple[float, float]:
-    from tqdm.auto import tqdm
+                      geometry: str, particle: str | None, manifest: dict[str, Any]) -> tuple[float, float, int]:
+    """Sample the shards not yet written into the parts directory, then join them into ``out``.
 
+    Returns:
+        ``(sampling seconds, writing seconds, showers sampled in this call)``.
+    """
     from ..data.formats import read_showers, write_showers
     from ..data.showers import Showers
 
     own_parts = parts_dir is None
     parts = Path(parts_dir) if parts_dir is not None else out.parent / f".{out.name}.parts"
+    created = not parts.exists()
     parts.mkdir(parents=True, exist_ok=True)
+    try:
+        sample_s, n_sampled = _sample_shards(bundle, e_inc, out, parts, batch_size, device, scheduler, seed,
+                                             shard_size, progress, geometry, particle, manifest)
+    except BaseException:
+        if created and not any(parts.glob("part-*")):  # nothing to resume from: leave nothing behind
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
+    n_shards = math.ceil(len(e_inc) / shard_size)
+    suffix = out.suffix
+    t1 = time.perf_counter()
+    pieces = [read_showers(parts / f"part-{i:05d}{suffix}", geometry=geometry) for i in range(n_shards)]
+    write_showers(Showers.concatenate(pieces), out)
+    write_s = time.perf_counter() - t1
+    if own_parts:
+        shutil.rmtree(parts, ignore_errors=True)
+    return sample_s, write_s, n_sampled
+
+
+def _sample_shards(bundle: ModelBundle, e_inc: np.ndarray, out: Path, parts: Path, batch_size: int, device: str,
+                   scheduler: str | None, seed: int, shard_size: int, progress: bool, geometry: str,
+                   particle: str | None, manifest: dict[str, Any]) -> tuple[float, int]:
+    """Write the shards missing from ``parts``; returns (sampling seconds, showers sampled)."""
+    from tqdm.auto import tqdm
+
     manifest_path = parts / "manifest.json"
     try:
         old = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         old = None
     if old != manifest:
+        if isinstance(old, dict):
+            changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            logger.info("%s: partitions of another set-up (%s differ); starting over", parts, ", ".join(changed))
         for p in parts.iterdir():
             if p.is_file():
                 p.unlink()
-        manifest_path.write_text(json.dumps(manifest))
+        atomic_write_json(manifest_path, manifest)
     n = len(e_inc)
     suffix = out.suffix
     jobs = []
@@ -295,12 +382,17 @@ def _generate_sharded(bundle: ModelBundle, e_inc: np.ndarray, out: Path, batch_s
     logger.info("%d shards of %d showers (%d already written) in %s", n_shards, shard_size,
                 n_shards - len(jobs), parts)
     sample_s = 0.0
+    n_sampled = sum(len(job[0]) for job in jobs)
     with tqdm(total=n_shards, initial=n_shards - len(jobs), unit="shard", desc=f"generate {out.name}",
               disable=None if progress else True) as bar:
         if scheduler and jobs:
             from distributed import Client, as_completed
 
-            with Client(scheduler, timeout="30s") as client:
+            try:
+                client = Client(scheduler, timeout="30s")
+            except OSError as exc:
+                raise CalodistillError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(exc).split())})") from None
+            with client:
                 futures = [client.submit(_generate_shard, str(bundle.path), bundle.kind, *job, pure=False)
                            for job in jobs]
                 for fut in as_completed(futures):
@@ -310,15 +402,7 @@ def _generate_sharded(bundle: ModelBundle, e_inc: np.ndarray, out: Path, batch_s
             for job in jobs:
                 sample_s += _generate_shard(bundle, bundle.kind, *job)["sample_s"]
                 bar.update(1)
-    t1 = time.perf_counter()
-    pieces = [read_showers(parts / f"part-{i:05d}{suffix}", geometry=geometry) for i in range(n_shards)]
-    write_showers(Showers.concatenate(pieces), out)
-    write_s = time.perf_counter() - t1
-    if own_parts:
-        shutil.rmtree(parts, ignore_errors=True)
-    if sample_s == 0.0:  # every shard was reused: no sampling time was measured in this call
-        sample_s = float("nan")
-    return sample_s, write_s
+    return sample_s, n_sampled
 
 
 def write_sample_artifact(src: Path, dst: Path, n: int = 100) -> Path:

@@ -3,8 +3,9 @@
 :func:`train_teacher` takes paths and a :class:`TeacherTrainConfig` (or a mapping of overrides for
 one) and returns metrics. The model directory it writes is a generator directory
 (:func:`flows.serialization.save_generator_dir`: ``preprocessing.json``, ``flow1.pt``, ``teacher.pt``)
-plus ``train_config.json``, ``metrics.json``, ``history.json`` and ``checkpoints/{flow1,teacher}/``
-(resumable: running it again continues an interrupted run).
+plus ``provenance.json`` (what it was made from: :mod:`.provenance`), ``train_config.json``,
+``metrics.json``, ``history.json`` and ``checkpoints/{flow1,teacher}/`` (resumable: running it again
+with the same dataset and settings continues an interrupted run).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ...flows.errors import FlowsError
 from ..atomic import atomic_write_json
 from ..config import as_config, config_to_dict
 from ..errors import CalodistillError
+from .provenance import check_model_dir, compared_config, start_model_dir
 
 __all__ = [
     "FlowStageConfig",
@@ -30,6 +32,7 @@ __all__ = [
     "train_teacher",
     "shower_summary",
     "compare_summaries",
+    "training_data_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,12 +170,24 @@ def load_splits(data_dir: Path, max_train: int = 0) -> tuple[Any, Any, Any, Any]
     return ds, train, val, test
 
 
+def training_data_record(geometry: str, train: Any) -> dict[str, Any]:
+    """Provenance entries of the training split: geometry, particle (when one), incident-energy range (MeV)."""
+    energies = np.asarray(train.incident_energy, dtype=np.float64)
+    record: dict[str, Any] = {"geometry": geometry, "n_train": len(train),
+                              "incident_energy_range": [float(energies.min()), float(energies.max())]}
+    particles = {str(p) for p in np.unique(np.asarray(train.particle, dtype=object))}
+    if len(particles) == 1 and particles != {"unknown"}:
+        record["particle"] = particles.pop()
+    return record
+
+
 def train_teacher(
     data_dir: Path,
     out_dir: Path,
     config: Mapping[str, Any] | TeacherTrainConfig | None = None,
     log_metrics: MetricsCallback | None = None,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Train Flow I and the MAF teacher on an ingested dataset; write a generator directory.
 
@@ -184,11 +199,13 @@ def train_teacher(
 
     Args:
         data_dir: a dataset written by ``calodistill ingest``.
-        out_dir: the model directory to write (created; an interrupted run there is resumed).
+        out_dir: the model directory to write (created; an interrupted run there is resumed when it was made
+            from the same dataset and settings, else refused: :func:`.provenance.check_model_dir`).
         config: a :class:`TeacherTrainConfig` or a (nested or dotted-key) dict overriding its defaults.
         log_metrics: ``log_metrics(metrics, step)`` after each epoch (``flow1_*`` / ``teacher_*`` keys,
             step = epoch of that flow) and once at the end with the final metrics.
         device: "cpu", "cuda" or None (CUDA when present).
+        overwrite: start over in an existing model directory instead of resuming.
 
     Returns:
         Metrics: ``test_nll`` / ``test_nll_per_dim`` (teacher, nats per shower / per voxel),
@@ -206,15 +223,22 @@ def train_teacher(
     from ...flows.serialization import save_generator_dir
     from ...flows.training import DiagonalGaussianBaseline, evaluate_nll, train_flow_mle
 
+    from ..data.dataset import dataset_hash, open_dataset
+
     cfg = as_config(TeacherTrainConfig, config)
     t0 = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     dev = resolve_device(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "train_config.json", config_to_dict(cfg))
-
+    # every check before anything is written: the dataset, then what --out holds
+    open_dataset(data_dir)
+    settings = config_to_dict(cfg)
+    record: dict[str, Any] = {"stage": "train-teacher", "dataset_dir": str(data_dir.resolve()),
+                              "dataset_digest": dataset_hash(data_dir), "config": compared_config(settings)}
+    plan = check_model_dir(out_dir, record, overwrite=overwrite)
     ds, train, val, test = load_splits(data_dir, cfg.max_train)
     geometry = ds.geometry
+    record.update(training_data_record(geometry.name, train), geometry=geometry.to_dict())  # the model carries it
+    start_model_dir(plan, record, "train_config.json", settings)
     logger.info("train-teacher: %s, %d/%d/%d showers, %d voxels, device %s", geometry.name, len(train), len(val), len(test), geometry.n_voxels, dev)
 
     pre = CaloFlowPreprocessor(list(geometry.layer_sizes), **cfg.preprocessing.to_dict())

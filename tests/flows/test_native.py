@@ -1,4 +1,4 @@
-"""The compiled spline (flows/native.py, flows/csrc/rqs_inverse.cpp) equals nflows' spline inverse."""
+"""The compiled splines (flows/native.py): the sampler's inverse equals nflows', the training spline and its backward torch's."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from calodistill.flows.config import FlowConfig
 from calodistill.flows.errors import FlowsError
 from calodistill.flows.fast import FastIAFSampler
 from calodistill.flows.models import build_iaf_like, build_maf
+from calodistill.flows.transforms import rq_spline_linear_tails
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CALODISTILL_NATIVE", "1") == "0", reason="native spline disabled by CALODISTILL_NATIVE=0")
@@ -180,3 +181,99 @@ def test_disabled_falls_back_and_cache_dir_is_used(tmp_path: Path) -> None:
     assert available == used == "True"
     assert Path(path).parent == tmp_path / "cache" and Path(path).exists()
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+# ------------------------------------------------------------------ training spline (rqs_spline.cpp)
+def _train_problem(n: int, d: int, bins: int, dtype: torch.dtype, seed: int = 5, scale: float = 1.0):
+    gen = torch.Generator().manual_seed(seed)
+    v = 2.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)  # some beyond the tail bound
+    v[0, 0], v[0, 1 % d] = BOUND, -BOUND
+    p = scale * torch.randn(n, d, 3 * bins - 1, generator=gen, dtype=torch.float64)
+    return v.to(dtype), p.to(dtype)
+
+
+def _with_grads(fn, v: torch.Tensor, p: torch.Tensor, g_out: torch.Tensor, g_lad: torch.Tensor):
+    v, p = v.clone().requires_grad_(), p.clone().requires_grad_()
+    out, lad = fn(v, p)
+    ((out * g_out).sum() + (lad * g_lad).sum()).backward()
+    return out.detach(), lad.detach(), v.grad, p.grad
+
+
+def _torch_spline(inverse: bool, bins: int):
+    def fn(v: torch.Tensor, p: torch.Tensor):
+        out, lad = rq_spline_linear_tails(v, p[..., :bins], p[..., bins:2 * bins], p[..., 2 * bins:],
+                                          inverse=inverse, tail_bound=BOUND)
+        return out, lad.sum(dim=1)
+    return fn
+
+
+def _native_spline(inverse: bool):
+    return lambda v, p: native.rq_spline_native(v, p, inverse, BOUND, 1e-3, 1e-3, 1e-3)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("bins", [2, 3, 8])
+@pytest.mark.parametrize("d", [5, 8, 21])  # below, at and above the vector lanes, with remainders
+def test_training_spline_and_backward_equal_torch_float64(inverse: bool, bins: int, d: int) -> None:
+    assert native.train_spline_available()
+    v, p = _train_problem(30, d, bins, torch.float64)
+    gen = torch.Generator().manual_seed(9)
+    g_out, g_lad = torch.randn(30, d, generator=gen, dtype=torch.float64), torch.randn(30, generator=gen, dtype=torch.float64)
+    got = _with_grads(_native_spline(inverse), v, p, g_out, g_lad)
+    ref = _with_grads(_torch_spline(inverse, bins), v, p, g_out, g_lad)
+    for a, b, name in zip(got, ref, ("outputs", "logabsdet", "grad inputs", "grad params")):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+    outside = v.abs() > BOUND
+    assert torch.equal(got[0][outside], v[outside]) and torch.equal(got[2][outside], g_out[outside])
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_training_spline_gradcheck(inverse: bool) -> None:
+    """The analytic backward against finite differences (float64)."""
+    v, p = _train_problem(3, 6, 4, torch.float64, scale=0.5)
+    v = v.clamp(-2.9, 2.9).requires_grad_()  # keep away from the kinks at ±B
+    p.requires_grad_()
+    assert torch.autograd.gradcheck(_native_spline(inverse), (v, p), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_training_spline_float32_against_float64(inverse: bool) -> None:
+    v, p = _train_problem(64, 37, 8, torch.float32, scale=0.5)
+    gen = torch.Generator().manual_seed(2)
+    g_out, g_lad = torch.randn(64, 37, generator=gen), torch.randn(64, generator=gen)
+    got = _with_grads(_native_spline(inverse), v, p, g_out, g_lad)
+    ref = _with_grads(_torch_spline(inverse, 8), v.double(), p.double(), g_out.double(), g_lad.double())
+    assert got[0].dtype == got[3].dtype == torch.float32
+    for a, b, name in zip(got, ref, ("outputs", "logabsdet", "grad inputs", "grad params")):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_training_spline_partial_gradients_and_threads() -> None:
+    """Only the gradients asked for are computed; one thread and several give the same numbers."""
+    v, p = _train_problem(16, 13, 8, torch.float32)
+    out, lad = native.rq_spline_native(v, p.clone().requires_grad_(), True, BOUND, 1e-3, 1e-3, 1e-3)
+    (out.sum() + lad.sum()).backward()
+    vg = v.clone().requires_grad_()
+    out, lad = native.rq_spline_native(vg, p, False, BOUND, 1e-3, 1e-3, 1e-3)
+    (out.sum() + lad.sum()).backward()
+    assert vg.grad is not None and torch.isfinite(vg.grad).all()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = _with_grads(_native_spline(True), v, p, torch.ones(16, 13), torch.ones(16))
+    finally:
+        torch.set_num_threads(threads)
+    one = _with_grads(_native_spline(True), v, p, torch.ones(16, 13), torch.ones(16))
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_training_spline_rejects_what_it_cannot_take() -> None:
+    v, p = _train_problem(4, 5, 8, torch.float64)
+    assert native.train_spline_supports(v, p)
+    assert not native.train_spline_supports(v.half(), p.half())
+    assert not native.train_spline_supports(v, p[..., :-3])  # 20 parameters: 7 bins
+    with pytest.raises(FlowsError, match="cannot take"):
+        native.rq_spline_native(v.float(), p, False, BOUND, 1e-3, 1e-3, 1e-3)
+    with pytest.raises(FlowsError, match="expected"):
+        native.rq_spline_native(v[:3], p, False, BOUND, 1e-3, 1e-3, 1e-3)

@@ -185,3 +185,28 @@ def test_generate_reports_corrupt_weights_and_writes_nothing(models: dict[str, P
     with pytest.raises(CalodistillError, match=r"flow1\.pt: cannot read flow file"):
         generate_showers_file(str(corrupt), 5, "50GeV", out, device="cpu")
     assert not out.parent.exists()
+
+
+def test_geometry_travels_with_the_model_and_other_geometries_are_refused(models: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    from calodistill.pipeline.data.geometry import get_geometry
+
+    spec = tmp_path / "same-sizes.yaml"  # 288 + 144 + 72 cells like CaloGAN, but other cells
+    spec.write_text("name: same-sizes\nlayers:\n  - {nx: 96, ny: 3, cell_mm: 2}\n  - {nx: 12, ny: 12, cell_mm: 10}\n"
+                    "  - {nx: 6, ny: 12, cell_mm: 10}\n")
+    mine = get_geometry(spec)
+    calogan = get_geometry("calogan")
+    d = _copy(models["student"], tmp_path / "custom")
+    (d / "provenance.json").write_text(json.dumps({"stage": "distill", "geometry": mine.to_dict()}))
+    b = ModelBundle.open(d)
+    assert b.geometry == mine and b.geometry.name == "same-sizes"  # the record, not the preset of that size
+    b.check_geometry(mine, "dataset x")
+    with pytest.raises(CalodistillError) as exc:
+        b.check_geometry(calogan, "dataset data/calogan")
+    assert "dataset data/calogan is on geometry calogan" in _one_line(exc) and "trained on same-sizes" in _one_line(exc)
+    # a model without a record: checked by its voxels per layer
+    plain = ModelBundle.open(models["student"])
+    plain.check_geometry(calogan, "dataset y")
+    nai = get_geometry(Path(__file__).resolve().parents[3] / "examples" / "nai-gears" / "geometry.yaml")
+    with pytest.raises(CalodistillError, match=r"dataset z is on geometry nai-gears .*layers of \[288, 144, 72\] voxels"):
+        plain.check_geometry(nai, "dataset z")

@@ -90,3 +90,16 @@ def test_write_is_atomic_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         write_showers(make_showers("calogan", 4, seed=1), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.parquet"]
+
+
+def test_calogan_energy_quoted_in_gev_and_directory_output_refused(tmp_path: Path) -> None:
+    """The CaloGAN layout stores incident energies in GeV: a bad one is quoted in GeV, as a plain number."""
+    path = write_showers(make_showers("calogan", 4), tmp_path / "cg.h5")
+    with h5py.File(path, "r+") as f:
+        f["energy"][2, 0] = -10.0
+    with pytest.raises(CalodistillError, match=r"cg.h5: non-positive incident energy -10 GeV in row 2$"):
+        read_showers(path)
+    with pytest.raises(CalodistillError, match=r"is a directory; give a file name ending in .h5/.hdf5, .parquet"):
+        write_showers(make_showers("calogan", 2), tmp_path)
+    with pytest.raises(CalodistillError, match=r"noext: no file extension \(use .h5/.hdf5"):
+        write_showers(make_showers("calogan", 2), tmp_path / "noext")

@@ -21,3 +21,19 @@ def test_default_scheduler_is_a_local_cluster(calogan_real_file: Path, tmp_path:
     np.testing.assert_array_equal(open_dataset(tmp_path / "ds").load().voxels, read_showers(calogan_real_file).voxels)
     with pytest.raises(ValueError):
         distributed.get_client()  # the cluster's client was closed
+
+
+def test_expected_error_on_a_worker_has_no_dask_traceback(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A validation error found on a LocalCluster worker reaches the caller as one line; the worker does not
+    log Dask's "Compute Failed ... Traceback" block for it on the terminal."""
+    import pandas as pd
+
+    from calodistill.pipeline.errors import CalodistillError
+
+    frame = pd.DataFrame({"incident_energy": [10.0, -5.0]})
+    frame = pd.concat([frame, pd.DataFrame(np.ones((2, 504)), columns=[f"v{i}" for i in range(504)])], axis=1)
+    frame.to_csv(tmp_path / "neg.csv", index=False)
+    with pytest.raises(CalodistillError, match=r"neg.csv: non-positive incident energy -5 MeV in row 1"):
+        ingest_showers([tmp_path / "neg.csv"], tmp_path / "ds", progress=False)
+    err = capfd.readouterr().err
+    assert "Compute Failed" not in err and "Traceback" not in err, err

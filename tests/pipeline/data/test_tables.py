@@ -72,7 +72,7 @@ def test_bad_tables(tmp_path: Path) -> None:
     with pytest.raises(CalodistillError, match=r"nan.csv: missing or NaN value in row 1"):
         read_showers(tmp_path / "nan.csv")
     (tmp_path / "word.csv").write_text("\n".join([text[0], text[1].replace(",0.0,", ",abc,", 1)]))
-    with pytest.raises(CalodistillError, match=r"word.csv: non-numeric value"):
+    with pytest.raises(CalodistillError, match=r"word.csv: column 'v\d+', row 0: 'abc' is not a number"):
         read_showers(tmp_path / "word.csv")
     (tmp_path / "nocol.csv").write_text("energy,v0,v1\n1,2,3\n")
     with pytest.raises(CalodistillError, match=r"nocol.csv: missing column 'incident_energy'"):
@@ -84,7 +84,7 @@ def test_bad_tables(tmp_path: Path) -> None:
     with pytest.raises(CalodistillError, match=r"few.csv: 3 voxels per shower fits no known geometry"):
         read_showers(tmp_path / "few.csv")
     (tmp_path / "gap.csv").write_text("incident_energy,v0,v2\n1,2,3\n")
-    with pytest.raises(CalodistillError, match=r"gap.csv: voxel columns v0..v1 are not contiguous"):
+    with pytest.raises(CalodistillError, match=r"gap.csv: voxel column v1 is missing \(found 2 of v0..v2\)"):
         read_showers(tmp_path / "gap.csv")
     write_showers(s, tmp_path / "ok.parquet")
     (tmp_path / "cut.parquet").write_bytes((tmp_path / "ok.parquet").read_bytes()[:-100])
@@ -94,3 +94,32 @@ def test_bad_tables(tmp_path: Path) -> None:
     pq.write_table(ragged, tmp_path / "ragged.parquet")
     with pytest.raises(CalodistillError, match=r"ragged.parquet: row 1 has 503 voxels, expected 504"):
         read_showers(tmp_path / "ragged.parquet")
+
+
+def test_bad_cells_and_columns_are_named(tmp_path: Path) -> None:
+    """A missing voxel column, a non-numeric cell and a negative energy are named, with plain numbers and units."""
+    frame = pd.DataFrame({"incident_energy": [10.0, 20.0, 30.0]})
+    frame = pd.concat([frame, pd.DataFrame(np.ones((3, 504)), columns=[f"v{i}" for i in range(504)])], axis=1)
+    frame.drop(columns=["v17"]).to_csv(tmp_path / "v17.csv", index=False)
+    with pytest.raises(CalodistillError, match=r"v17.csv: voxel column v17 is missing \(found 503 of v0..v503\)$"):
+        read_showers(tmp_path / "v17.csv")
+    frame.drop(columns=["v3", "v9"]).to_csv(tmp_path / "two.csv", index=False)
+    with pytest.raises(CalodistillError, match=r"two.csv: voxel columns v3, v9 are missing"):
+        read_showers(tmp_path / "two.csv")
+    cells = frame.astype(object)
+    cells.loc[2, "incident_energy"] = "10 GeV"
+    cells.to_csv(tmp_path / "cell.csv", index=False)
+    with pytest.raises(CalodistillError, match=r"cell.csv: column 'incident_energy', row 2: '10 GeV' is not a number$"):
+        read_showers(tmp_path / "cell.csv")
+    negative = frame.copy()
+    negative.loc[1, "incident_energy"] = -10.0
+    negative.to_csv(tmp_path / "neg.csv", index=False)
+    with pytest.raises(CalodistillError, match=r"neg.csv: non-positive incident energy -10 GeV in row 1$"):
+        read_showers(tmp_path / "neg.csv", columns="energy_unit=GeV")
+    with pytest.raises(CalodistillError, match=r"neg.csv: non-positive incident energy -10 MeV in row 1$"):
+        read_showers(tmp_path / "neg.csv")
+    negative.loc[1, "incident_energy"] = 10.0
+    negative.loc[2, "v5"] = -2.5
+    negative.to_csv(tmp_path / "vox.csv", index=False)
+    with pytest.raises(CalodistillError, match=r"vox.csv: negative voxel energy -2.5 MeV in row 2$"):
+        read_showers(tmp_path / "vox.csv")

@@ -32,7 +32,29 @@ def test_names_use_layer_index_and_cover_every_layer() -> None:
     idx = [layer.index for layer in geo.layers]
     assert f"E_layer{idx[-1]}" in names and "Etot_over_Einc" in names
     assert f"width_y_layer{idx[0]}" in names and f"sparsity_layer{idx[2]}" in names
-    assert len(names) == 1 + 6 * geo.n_layers
+    # polar layers add the radial mean and width; Cartesian ones do not
+    assert f"radius_layer{idx[0]}" in names and f"width_r_layer{idx[-1]}" in names
+    assert len(names) == 1 + 8 * geo.n_layers
+    cart = get_geometry("calogan")
+    assert len(observable_names(cart)) == 1 + 6 * cart.n_layers
+    assert not any(n.startswith(("radius", "width_r")) for n in observable_names(cart))
+
+
+def test_radial_observables_of_a_polar_layer() -> None:
+    geo = get_geometry("calochallenge-1-photons")
+    layer = next(lay for lay in geo.layers if lay.shape[1] >= 2)
+    k = geo.layers.index(layer)
+    r = np.asarray(layer.edges1)
+    rbar = (2.0 / 3.0) * (r[1:] ** 3 - r[:-1] ** 3) / (r[1:] ** 2 - r[:-1] ** 2)
+    v = np.zeros((1, geo.n_voxels), dtype=np.float32)
+    lay = np.zeros(layer.shape, dtype=np.float32)
+    lay[0, 0], lay[-1, 1] = 1.0, 3.0  # radial bins 0 and 1, in two angular bins
+    v[0, geo.layer_slices[k]] = lay.ravel()
+    obs = compute_observables(Showers(geo, np.array([1000.0]), v))
+    mean = (rbar[0] + 3 * rbar[1]) / 4
+    np.testing.assert_allclose(obs[f"radius_layer{layer.index}"][0], mean, rtol=1e-6)
+    np.testing.assert_allclose(obs[f"width_r_layer{layer.index}"][0],
+                               np.sqrt((rbar[0] - mean) ** 2 / 4 + 3 * (rbar[1] - mean) ** 2 / 4), rtol=1e-5)
 
 
 def test_known_centroid_width_sparsity_on_calogan() -> None:

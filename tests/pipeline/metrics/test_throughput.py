@@ -1,4 +1,4 @@
-"""The budgeted timer (a batch that does not fit is replaced, never extrapolated) and the matmul floor."""
+"""The budgeted timer (a batch that does not fit is replaced, never extrapolated) and the matmul floors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from calodistill.pipeline.metrics.throughput import BudgetedTimer, Timing, matmul_floor_call, nice_batch_at_most
+from calodistill.pipeline.metrics.throughput import (
+    BudgetedTimer,
+    MatmulCall,
+    Timing,
+    capture_matmuls,
+    matmul_floor_call,
+    matmul_replay_call,
+    nice_batch_at_most,
+)
 
 
 @pytest.mark.parametrize(("limit", "batch"),
@@ -48,3 +56,21 @@ def test_matmul_floor_call_runs_the_students_shapes() -> None:
     sampler = FastIAFSampler(student, chunk_size=4)
     for chunk in (None, 4):
         matmul_floor_call(sampler, 10, chunk, torch.device("cpu"))()  # no error: the shapes chain
+
+
+def test_capture_matmuls_records_forward_and_backward_products() -> None:
+    w = torch.randn(10, 5, requires_grad=True)
+    x = torch.randn(3, 5, requires_grad=True)
+
+    def step() -> None:
+        y = torch.nn.functional.linear(x, w, torch.zeros(10))
+        (y * y).sum().backward()
+
+    calls = capture_matmuls(step)
+    # forward (3, 5) @ (5, 10), backward: grad_x = g (3, 10) @ w (10, 5), grad_w = gᵀ (10, 3) @ x (3, 5)
+    assert sorted((c.m, c.k, c.n) for c in calls) == [(3, 5, 10), (3, 10, 5), (10, 3, 5)]
+    assert next(c for c in calls if (c.m, c.k, c.n) == (3, 5, 10)).b_transposed  # wᵀ is a transposed view
+    assert sum(c.flops for c in calls) == 2 * 3 * (3 * 5 * 10)
+    assert MatmulCall(2, 3, 4, batch=5).flops == 2 * 5 * 2 * 3 * 4
+    call = matmul_replay_call([*calls, MatmulCall(2, 3, 4, batch=5, a_transposed=True)], torch.device("cpu"))
+    call()

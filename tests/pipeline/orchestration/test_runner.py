@@ -159,3 +159,18 @@ def test_tiny_real_pipeline_end_to_end(tmp_path: Path) -> None:
     second = run_pipeline(repo / "dags" / "quickstart.yaml", overrides=TINY_OVERRIDES, run_root=tmp_path / "runs",
                           tracking_uri=uri)
     assert all(s.status == "skipped" for s in second.stages)
+
+
+def test_worker_death_and_cancellation_are_one_line_messages() -> None:
+    """What the summary says of a stage whose workers all died (KilledWorker) or whose task was cancelled."""
+    from distributed.scheduler import KilledWorker
+
+    from calodistill.pipeline.orchestration.runner import _exception_text
+
+    class _Worker:
+        address = "tcp://127.0.0.1:1"
+
+    text = _exception_text(KilledWorker("train-1234", _Worker(), 3))
+    assert text.startswith("the Dask worker running it died (4 attempts: killed, or out of memory?")
+    assert "next run resumes it" in text and "\n" not in text
+    assert _exception_text(None).startswith("cancelled (the Dask scheduler went away")

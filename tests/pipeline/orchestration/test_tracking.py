@@ -7,6 +7,12 @@ temporary SQLite store; the checks read the store back with ``MlflowClient``.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,35 @@ def fake_student(ctx: StageContext) -> StageResult:
 register_stage_kind(StageKind("fake_student", fake_student, inputs={"teacher": InputSpec()},
                               outputs={"model": "model"}, key_metric="speedup_vs_teacher", model_role="student"),
                     replace=True)
+
+
+def fake_fit(ctx: StageContext) -> StageResult:
+    """Trains ``epochs`` epochs (1-based, as flows' training loop), resuming from its history "checkpoint".
+
+    With ``hang_after`` (and a ``flag`` file that does not exist yet) it records that epoch in its
+    checkpoint, creates the flag and hangs before reporting the epoch: the test kills it there, as
+    ``kill -9`` would (so the epoch is in the model's history but was never logged to MLflow).
+    """
+    model = ctx.outputs["model"]
+    checkpoint = ctx.work_dir / "checkpoint.json"
+    history = json.loads(checkpoint.read_text()) if checkpoint.exists() else []
+    for epoch in range(len(history) + 1, int(ctx.params["epochs"]) + 1):
+        metrics = {"train_loss": 1.0 / epoch, "val_loss": 2.0 / epoch}
+        history.append({"epoch": float(epoch), **metrics})
+        checkpoint.write_text(json.dumps(history))
+        flag = Path(ctx.params.get("flag", "/nonexistent"))
+        if epoch == ctx.params.get("hang_after") and not flag.exists():
+            flag.write_text("hung")
+            while True:
+                time.sleep(0.1)
+        ctx.log_metrics({f"fit_{k}": v for k, v in metrics.items()}, epoch)
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "history.json").write_text(json.dumps({"fit": history}))
+    return StageResult(metrics={"test_nll": 0.5}, model_output="model")
+
+
+register_stage_kind(StageKind("fake_fit", fake_fit, inputs={"data": InputSpec()}, outputs={"model": "model"},
+                              key_metric="test_nll"), replace=True)
 
 REGISTERED = "calodistill-test-student"
 
@@ -202,6 +237,88 @@ def test_unknown_registered_model_is_a_clear_error(tracked: dict[str, Any]) -> N
 
     with pytest.raises(CalodistillError, match="--model models:/nope@champion: cannot load from MLflow"):
         resolve_model_dir("models:/nope@champion", tracking_uri=tracked["uri"])
+
+
+_KILLED_DRIVER = """
+import sys
+from tests.pipeline.orchestration import test_tracking  # registers the fake kinds
+from calodistill.pipeline.orchestration.runner import run_pipeline
+run_pipeline(sys.argv[1], run_root=sys.argv[2], tracking_uri=sys.argv[3])
+"""
+
+
+def _wait_for(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_kill_9_leaves_no_running_runs_and_the_resumed_stage_logs_every_epoch(tmp_path: Path) -> None:
+    """A driver killed with SIGKILL in epoch 3 of 5: the rerun closes its runs as KILLED and the resumed
+    stage's run holds epochs 1-5 (1-2 copied from the killed attempt, 3 from the model's history, 4-5 live)."""
+    from mlflow.tracking import MlflowClient
+
+    from calodistill.pipeline.orchestration.runner import run_pipeline
+
+    repo = Path(__file__).resolve().parents[3]
+    flag = tmp_path / "hung.flag"
+    data = {"name": "killed", "tracking": {"experiment": "calodistill-kill"}, "cluster": {"processes": False},
+            "stages": {"source": {"kind": "fake_source", "params": {"log": str(tmp_path / "calls.log")}},
+                       "fit": {"kind": "fake_fit", "inputs": {"data": "source.data"},
+                               "params": {"epochs": 5, "hang_after": 3, "flag": str(flag)}}}}
+    dag = tmp_path / "killed.yaml"
+    dag.write_text(yaml.safe_dump(data))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    def fit_runs() -> list[Any]:
+        exp = client.get_experiment_by_name("calodistill-kill")
+        return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`calodistill.stage` = 'fit'")
+
+    def first_epochs_logged() -> bool:
+        runs = fit_runs()
+        return flag.exists() and len(runs) == 1 and \
+            len(client.get_metric_history(runs[0].info.run_id, "fit_train_loss")) == 2
+
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_DRIVER, str(dag), str(tmp_path / "runs"), uri],
+                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(first_epochs_logged, 120, "the killed run's first two epochs")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    exp_id = client.get_experiment_by_name("calodistill-kill").experiment_id
+    stale = client.search_runs([exp_id], "attributes.status = 'RUNNING'")
+    assert len(stale) == 2  # the parent and fit, left as a kill leaves them (source finished before)
+    killed_fit = fit_runs()[0]
+
+    summary = run_pipeline(dag, run_root=tmp_path / "runs", tracking_uri=uri)
+    assert summary.ok and summary.status("fit") == "ran"
+    assert next(s for s in summary.stages if s.stage == "fit").resumed
+    assert client.search_runs([exp_id], "attributes.status = 'RUNNING'") == []
+    for run in stale:
+        closed = client.get_run(run.info.run_id)
+        assert closed.info.status == "KILLED" and closed.data.tags["calodistill.status"] == "killed"
+    new_fit = next(r for r in fit_runs() if r.info.run_id != killed_fit.info.run_id)
+    assert new_fit.info.status == "FINISHED"
+    assert new_fit.data.tags["calodistill.resumed_from_run"] == killed_fit.info.run_id
+    for key, first in (("fit_train_loss", 1.0), ("fit_val_loss", 2.0)):
+        history = {m.step: m.value for m in client.get_metric_history(new_fit.info.run_id, key)}
+        assert sorted(history) == [1, 2, 3, 4, 5], key
+        assert history[1] == pytest.approx(first) and history[5] == pytest.approx(first / 5)
+
+
+def test_history_metrics_are_named_as_the_stages_log_them(tmp_path: Path) -> None:
+    from calodistill.pipeline.orchestration.run_recovery import history_metrics
+
+    (tmp_path / "history.json").write_text(json.dumps(
+        {"flow1": [{"epoch": 1.0, "val_nll": 3.0}], "teacher": [{"epoch": 1.0, "val_nll": 9.0, "lr": 0.1}]}))
+    assert history_metrics(tmp_path) == [(1, {"flow1_val_nll": 3.0}), (1, {"teacher_val_nll": 9.0, "teacher_lr": 0.1})]
+    (tmp_path / "history.json").write_text(json.dumps({"student": [{"epoch": 2.0, "val_kl": 0.5}]}))
+    assert history_metrics(tmp_path) == [(2, {"distill_val_kl": 0.5})]
 
 
 _ = fakes

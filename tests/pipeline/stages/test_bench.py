@@ -35,7 +35,7 @@ def test_quick_bench_structure_and_budget() -> None:
     rows = {r["batch"]: r for r in samp["rows"]}
     assert set(rows) == {1, 5000}
     for b, row in rows.items():
-        for key in ("teacher", "student_iaf", "student_fast"):
+        for key in ("teacher", "teacher_dpass", "student_iaf", "student_fast"):
             _check_measured(row[key], b)
         assert row["floor"]["batch"] == row["student_fast"]["batch"]
         assert row["student_over_floor"] == pytest.approx(row["student_fast"]["median_s"] / row["floor"]["median_s"])
@@ -51,9 +51,17 @@ def test_quick_bench_structure_and_budget() -> None:
     for name in ("teacher", "student"):
         tr = result["training"][name]
         assert tr["showers_per_s"] > 0 and tr["peak_memory_mb"] >= 0
+        assert tr["steps_per_s"] == pytest.approx(1 / tr["median_step_s"])
+        assert tr["matmuls_per_step"] > 0 and tr["matmul_gflop_per_step"] > 0
+        assert tr["step_over_floor"] == pytest.approx(tr["median_step_s"] / tr["matmul_floor_s"])
+    assert "local x-pass" in result["training"]["student"]["loss"]
+    assert "| training | loss | batch | showers/s | steps/s | matmul floor ms/step | step / matmul floor" in md
+    assert samp["teacher_sampler"].startswith("flows.teacher_sampling.FastMAFSampler") and "D passes" in md
     metrics = result["metrics"]
     assert all(isinstance(v, float) for v in metrics.values())
     assert "speedup_fast_b1" in metrics and "train_student_showers_per_s" in metrics
+    assert "train_teacher_over_matmul_floor" in metrics and "teacher_dpass_ms_per_shower_b1" in metrics
+    assert rows[1]["teacher_speedup_vs_dpass"] > 0
     json.dumps(result)  # JSON-able
 
 
@@ -89,6 +97,23 @@ def test_bench_loads_trained_model_dir(tmp_path: Path) -> None:
                              threads=1, sections=("sampling",))
     assert result["student"]["hidden_features"] == 10 and result["features"] == 5
     assert result["model_sources"] == [str(tmp_path / "student.pt")]
+
+
+def test_quickstart_preset(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def training(teacher, student, device, steps, teacher_batch, student_batch, seed):  # noqa: ANN001, ANN202
+        seen.update(teacher_batch=teacher_batch, student_batch=student_batch)
+        return {}
+
+    monkeypatch.setattr(bench, "_training_section", training)
+    result = bench.run_bench(preset="quickstart", sections=("training",), train_steps=1, threads=1)
+    assert result["geometry"] == "calogan" and result["features"] == 504 and result["context_features"] == 4
+    assert result["teacher"]["hidden_features"] == result["student"]["hidden_features"] == 64
+    assert result["teacher"]["n_blocks"] == 4
+    assert seen == {"teacher_batch": 256, "student_batch": 32}
+    with pytest.raises(CalodistillError, match="preset"):
+        bench.run_bench(**TINY, preset="nope")
 
 
 def test_default_sizes() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from calodistill.pipeline.config import build_config
+from calodistill.pipeline.errors import CalodistillError
 from calodistill.pipeline.stages.distill import DistillStageConfig, distill_student
 from tests.pipeline.stages.test_train_teacher import tiny_dataset, tiny_teacher  # noqa: F401  (module fixtures)
 
@@ -29,3 +30,36 @@ def test_distill_defaults_use_the_noise_side_x_pass() -> None:
     cfg = build_config(DistillStageConfig, ({"distill.noise_weight": 2.5}, "test"))
     assert cfg.distill.noise_weight == 2.5 and cfg.distill.x_pass == "local"
     assert DistillStageConfig().distill.noise_weight > 0
+
+
+def test_rerun_with_another_teacher_is_refused(tiny_teacher: Path, tiny_dataset: Path, tmp_path: Path) -> None:  # noqa: F811
+    import json
+    import shutil
+
+    import torch
+
+    from calodistill.flows.serialization import load_flow, save_flow
+
+    out = tmp_path / "student"
+    distill_student(tiny_teacher, tiny_dataset, out, TINY, device="cpu")
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["stage"] == "distill" and len(record["teacher_digest"]) == 16
+    before = {p.name: p.read_bytes() for p in out.glob("*.json")}
+    # the same teacher copied elsewhere is the same teacher: the rerun resumes
+    same = shutil.copytree(tiny_teacher, tmp_path / "same_teacher")
+    distill_student(same, tiny_dataset, out, TINY, device="cpu")
+    # a teacher with other weights is not
+    other = shutil.copytree(tiny_teacher, tmp_path / "other_teacher")
+    flow = load_flow(other / "teacher.pt")
+    with torch.no_grad():
+        next(flow.parameters()).add_(0.1)
+    save_flow(other / "teacher.pt", flow, flow.config)
+    with pytest.raises(CalodistillError) as exc:
+        distill_student(other, tiny_dataset, out, TINY, device="cpu")
+    text = str(exc.value)
+    assert "holds a distill run made from other inputs or settings" in text and "\n" not in text
+    assert f"teacher {tiny_teacher.resolve()} (digest " in text and f"vs {other.resolve()} (digest " in text
+    assert {p.name: p.read_bytes() for p in out.glob("*.json") if p.name != "metrics.json"} == {
+        k: v for k, v in before.items() if k != "metrics.json"}
+    with pytest.raises(CalodistillError, match="is the --teacher directory"):
+        distill_student(tiny_teacher, tiny_dataset, tiny_teacher, TINY, device="cpu")

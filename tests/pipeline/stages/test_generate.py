@@ -125,11 +125,13 @@ def test_generate_sharded_matches_partitions(student_dir: Path, tmp_path: Path) 
     assert not (tmp_path / ".big.h5.parts").exists()  # partitions removed after the final file is written
     # partitions kept in an explicit parts_dir are reused by the same call
     parts = tmp_path / "parts"
-    generate_showers_file(str(student_dir), 25, "ladder", out, shard_size=10, device="cpu", parts_dir=parts)
+    generate_showers_file(str(student_dir), 25, "ladder", out, shard_size=10, device="cpu", parts_dir=parts,
+                          overwrite=True)
     first = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.h5")}
     assert len(first) == 3
     (parts / "part-00001.h5").unlink()
-    generate_showers_file(str(student_dir), 25, "ladder", out, shard_size=10, device="cpu", parts_dir=parts)
+    generate_showers_file(str(student_dir), 25, "ladder", out, shard_size=10, device="cpu", parts_dir=parts,
+                          overwrite=True)
     second = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.h5")}
     assert second["part-00000.h5"] == first["part-00000.h5"] and second["part-00002.h5"] == first["part-00002.h5"]
     assert np.array_equal(read_showers(out).voxels, showers.voxels)
@@ -185,3 +187,88 @@ def test_cli(student_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[st
     rc = main(["generate", "--model", str(student_dir), "-n", "6", "--energies", "ladder:1", "--out", str(out)])
     assert rc == 2
     assert capsys.readouterr().err.startswith("calodistill: error: --energies")
+
+
+def test_existing_output_is_refused_without_overwrite(student_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from calodistill.pipeline.cli import main
+
+    precious = tmp_path / "geant4.h5"
+    precious.write_bytes(b"a real Geant4 file")
+    with pytest.raises(CalodistillError, match="file already exists; pass --overwrite"):
+        generate_showers_file(str(student_dir), 5, "50GeV", precious, device="cpu")
+    rc = main(["generate", "--model", str(student_dir), "-n", "5", "--energies", "50GeV", "--out", str(precious),
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "file already exists; pass --overwrite" in err
+    assert precious.read_bytes() == b"a real Geant4 file"
+    rc = main(["generate", "--model", str(student_dir), "-n", "5", "--energies", "50GeV", "--out", str(precious),
+               "--device", "cpu", "--overwrite"])
+    assert rc == 0 and precious.read_bytes() != b"a real Geant4 file"
+
+
+def test_energies_outside_the_training_range_are_refused_unless_allowed(
+        student_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import logging
+    import shutil
+
+    from calodistill.pipeline.stages.generate import check_energy_range
+
+    model = tmp_path / "model"
+    shutil.copytree(student_dir, model)
+    (model / "provenance.json").write_text(json.dumps({"stage": "distill", "incident_energy_range": [1.6e3, 99.6e3]}))
+    out = tmp_path / "out.h5"
+    for spec, shown in (("1e9GeV", "1e+06 TeV"), ("1MeV", "1 MeV"), ("uniform:1GeV:1TeV", "1 GeV to 1 TeV")):
+        with pytest.raises(CalodistillError) as exc:
+            generate_showers_file(str(model), 5, spec, out, device="cpu")
+        assert (f"--energies {spec}: {shown} is outside the model's training range 1.6 GeV to 99.6 GeV"
+                in str(exc.value)) and "--allow-extrapolation" in str(exc.value)
+    assert not out.exists()
+    # the recorded edges are sample extremes: the nominal 1-100 GeV passes
+    generate_showers_file(str(model), 5, "uniform:1GeV:100GeV", out, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="calodistill.pipeline.stages.generate"):
+        generate_showers_file(str(model), 5, "1TeV", out, device="cpu", overwrite=True, allow_extrapolation=True)
+    assert "extrapolating" in caplog.text
+    check_energy_range(parse_energy_spec("1e9GeV"), "1e9GeV", None)  # a model without a record: not checked
+
+
+def test_resumed_shards_of_another_set_up_start_over_and_timing_counts_what_was_sampled(
+        student_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from calodistill.pipeline.data.formats import read_showers
+
+    out, parts = tmp_path / "big.h5", tmp_path / "parts"
+    kwargs = {"shard_size": 10, "device": "cpu", "parts_dir": parts, "overwrite": True, "progress": False}
+    first = generate_showers_file(str(student_dir), 25, "ladder", out, batch_size=5, **kwargs)
+    assert first["n_sampled"] == 25 and first["sample_ms_per_shower"] > 0
+    manifest = json.loads((parts / "manifest.json").read_text())
+    assert manifest["batch_size"] == 5 and manifest["device"] == "cpu" and manifest["seed"] == 0
+    assert len(manifest["model_hash"]) == 16
+    reference = read_showers(out).voxels
+    # an interrupted run (one shard missing) resumed with the same set-up samples and times that shard only
+    (parts / "part-00001.h5").unlink()
+    again = generate_showers_file(str(student_dir), 25, "ladder", out, batch_size=5, **kwargs)
+    assert again["n_sampled"] == 10
+    assert np.array_equal(read_showers(out).voxels, reference)
+    # another batch size: the kept shards are not mixed in, every shard is sampled again
+    (parts / "part-00001.h5").unlink()
+    other = generate_showers_file(str(student_dir), 25, "ladder", out, batch_size=7, **kwargs)
+    assert other["n_sampled"] == 25
+    assert json.loads((parts / "manifest.json").read_text())["batch_size"] == 7
+    fresh = generate_showers_file(str(student_dir), 25, "ladder", tmp_path / "fresh.h5", batch_size=7,
+                                  shard_size=10, device="cpu", progress=False)
+    assert np.array_equal(read_showers(out).voxels, read_showers(tmp_path / "fresh.h5").voxels)
+    # every shard reused: nothing was timed, and the result says so
+    every = generate_showers_file(str(student_dir), 25, "ladder", out, batch_size=7, **kwargs)
+    assert every["n_sampled"] == 0 and np.isnan(every["sample_ms_per_shower"])
+
+
+def test_output_under_a_regular_file_is_one_line(student_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CalodistillError, match=r"--out .*file/sub/out.h5: .*file is a file, not a directory"):
+        generate_showers_file(str(student_dir), 5, "50GeV", blocker / "sub" / "out.h5", device="cpu")
+    with pytest.raises(CalodistillError, match="is a directory, not a file"):
+        generate_showers_file(str(student_dir), 5, "50GeV", tmp_path, device="cpu")

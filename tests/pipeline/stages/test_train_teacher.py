@@ -140,3 +140,78 @@ def test_build_config_layers_defaults_file_and_overrides(tmp_path: Path) -> None
     assert TeacherTrainConfig().teacher.train.epochs == 50  # defaults are not mutated
     with pytest.raises(CalodistillError, match=r"x.yaml: not valid YAML|cannot read"):
         load_config_file(tmp_path / "x.yaml")
+
+
+def _records(model_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(model_dir.glob("*.json"))}
+
+
+def test_provenance_records_data_settings_and_energy_range(tiny_teacher: Path, tiny_dataset: Path) -> None:
+    from calodistill.pipeline.data.bundle import ModelBundle
+    from calodistill.pipeline.data.dataset import dataset_hash, open_dataset
+
+    bundle = ModelBundle.open(tiny_teacher)
+    record = bundle.provenance["provenance"]
+    assert record["stage"] == "train-teacher" and record["dataset_digest"] == dataset_hash(tiny_dataset)
+    assert record["config"]["teacher"]["model"]["hidden_features"] == 8 and "progress" not in record["config"]
+    train = open_dataset(tiny_dataset).load("train")
+    assert bundle.energy_range == (float(train.incident_energy.min()), float(train.incident_energy.max()))
+    assert bundle.geometry.name == "calogan" and bundle.particle == "e+"
+
+
+def test_rerun_with_other_data_or_settings_is_refused_and_changes_nothing(
+        tiny_teacher: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from calodistill.pipeline.data.ingest import ingest_showers
+
+    other = tmp_path / "other"
+    ingest_showers(["synth:calogan?n=120&seed=4"], other, scheduler="synchronous", progress=False)
+    before = _records(tiny_teacher)
+    base = ["train-teacher", "--out", str(tiny_teacher), "--device", "cpu", "--quiet", *TINY_TEACHER]
+    rc = main([*base, "--data", str(other)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"--out {tiny_teacher}: holds a train-teacher run made from other inputs or settings" in err
+    assert f"dataset {tiny_dataset.resolve()} (digest " in err and f"vs {other.resolve()} (digest " in err
+    assert "pass --overwrite" in err
+    rc = main([*base, "--data", str(tiny_dataset), "--set", "teacher.train.epochs=2", "--set", "seed=7"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "seed 0 vs 7; teacher.train.epochs 1 vs 2" in err, err
+    assert _records(tiny_teacher) == before  # train_config.json, provenance.json, metrics.json untouched
+
+
+def test_bad_data_or_out_leaves_nothing_behind(tiny_dataset: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_dataset = tmp_path / "empty"
+    not_a_dataset.mkdir()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    for data, message in ((tmp_path / "missing", "no such dataset directory"),
+                          (blocker, "not a directory"), (not_a_dataset, "not a calodistill dataset")):
+        rc = main(["train-teacher", "--data", str(data), "--out", str(tmp_path / "new" / "model"), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1, err
+    for out, message in ((blocker, "is a file, not a directory"), (blocker / "model", "file.txt is a file, not a directory"),
+                         (tmp_path, "is not a model directory written by calodistill")):
+        rc = main(["train-teacher", "--data", str(tiny_dataset), "--out", str(out), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file.txt"]
+
+
+def test_overwrite_starts_over_but_never_replaces_foreign_directories(tiny_teacher: Path, tiny_dataset: Path,
+                                                                      tmp_path: Path) -> None:
+    import shutil
+
+    from calodistill.pipeline.stages.train_teacher import train_teacher
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_teacher, model)
+    (model / "notes.json").write_text("{}")  # anything else in it: not ours to delete
+    cfg = dict(parse_set(a) for a in TINY_TEACHER if a != "--set") | {"progress": False, "seed": 5}
+    with pytest.raises(CalodistillError, match="is not a model directory written by calodistill"):
+        train_teacher(tiny_dataset, model, cfg, device="cpu", overwrite=True)
+    (model / "notes.json").unlink()
+    metrics = train_teacher(tiny_dataset, model, cfg, device="cpu", overwrite=True)
+    assert metrics["teacher_epochs"] == 1
+    assert json.loads((model / "train_config.json").read_text())["seed"] == 5
+    assert json.loads((model / "provenance.json").read_text())["config"]["seed"] == 5
