@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 
 from .errors import FlowsError
 from .fast import FastIAFSampler
-from .graphs import SamplerGraph, TeacherLogProbGraph
+from .graphs import SamplerGraph, StudentFlowGraph, TeacherLogProbGraph
 from .models import IAF
 from .sampling import ArrayLike, ShowerGenerator
 
@@ -39,11 +40,15 @@ __all__ = [
     "LOG_PROB_OUTPUT",
     "SAMPLER_INPUTS",
     "SAMPLER_OUTPUT",
+    "STUDENT_FLOW_INPUTS",
+    "STUDENT_FLOW_OUTPUT",
     "OnnxSampler",
     "default_providers",
     "draw_noise",
     "export_sampler",
+    "export_student_flow",
     "export_teacher_log_prob",
+    "onnx_session",
     "sample_from_noise",
 ]
 
@@ -52,6 +57,8 @@ SAMPLER_INPUTS = ("incident_energy", "noise")
 SAMPLER_OUTPUT = "showers"
 LOG_PROB_INPUTS = ("showers", "incident_energy")
 LOG_PROB_OUTPUT = "log_prob"
+STUDENT_FLOW_INPUTS = ("noise", "context")
+STUDENT_FLOW_OUTPUT = "x"
 _EXAMPLE_ROWS = 3  # torch.export specialises batch sizes 0 and 1
 
 
@@ -226,6 +233,8 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: Sequ
         onnxscript.optimizer.fold_constants(program.model)
         onnxscript.optimizer.remove_unused_nodes(program.model)
     proto = program.model_proto
+    for node in proto.graph.node:  # the exporter's per-node stack traces: local paths, a third of the file
+        del node.metadata_props[:]
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto)
     _write_atomic(proto, path)
@@ -327,6 +336,38 @@ def export_teacher_log_prob(generator: ShowerGenerator, path: str | os.PathLike[
     return _export(graph, (showers, e), LOG_PROB_INPUTS, LOG_PROB_OUTPUT, Path(path), props, opset)
 
 
+def export_student_flow(student: IAF, path: str | os.PathLike[str], metadata: dict[str, str] | None = None,
+                        opset: int = DEFAULT_OPSET, groups: int = 16) -> Path:
+    """Write the student's Flow II alone as one ONNX graph: ``(noise, context) → x``.
+
+    Inputs ``noise`` (N, D) standard normal and ``context`` (N, C), output ``x`` (N, D) in the
+    preprocessed space, as ``IAF.inverse`` returns it; float32, dynamic batch. What the benchmark times
+    next to :class:`flows.fast.FastIAFSampler`; simulators want :func:`export_sampler`.
+
+    Args:
+        student: the IAF (with context features).
+        path, metadata, opset, groups: as in :func:`export_sampler`.
+    """
+    if not isinstance(student, IAF):
+        raise FlowsError(f"student: expected an IAF, got {type(student).__name__}")
+    d, c = student.config.features, student.config.context_features
+    if not c:
+        raise FlowsError("student: a Flow II without context features does not export alone")
+    extra = _check_metadata(metadata)
+    _check_opset(opset)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(_EXAMPLE_ROWS, d, generator=gen)
+    ctx = torch.randn(_EXAMPLE_ROWS, c, generator=gen)
+    props = {"producer": "calodistill", "graph": "student_flow", "calodistill_version": _package_version(),
+             "torch_version": torch.__version__, "opset": str(opset), "dtype": "float32",
+             "flow2_config": json.dumps(student.config.to_dict()),
+             "inputs": f"noise: float32 (N, {d}), standard normal; context: float32 (N, {c})",
+             "outputs": f"x: float32 (N, {d}), the preprocessed (logit) space"}
+    props.update(extra)
+    return _export(StudentFlowGraph(student, groups), (z, ctx), STUDENT_FLOW_INPUTS, STUDENT_FLOW_OUTPUT,
+                   Path(path), props, opset)
+
+
 # -- ONNX Runtime ----------------------------------------------------------------------------------------
 
 def _ort_errors() -> tuple[type[Exception], ...]:
@@ -346,6 +387,31 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def onnx_session(path: str | os.PathLike[str], providers: Sequence[str] | None = None,
+                 threads: int | None = None) -> object:
+    """An ``onnxruntime.InferenceSession`` for ``path``; a file it cannot load is a one-line FlowsError.
+
+    Args:
+        path: an ``.onnx`` file.
+        providers: execution providers (:func:`default_providers` if None).
+        threads: intra-op threads (ONNX Runtime's default, all cores, if None).
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FlowsError(f"{path}: no such ONNX file")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its load-time warnings are not the user's business
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
+    except (*_ort_errors(), ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FlowsError(f"{path}: cannot load the ONNX model ({first})") from None
+
+
 class OnnxSampler:
     """An exported sampler run by ONNX Runtime: ``sample(incident_energy, noise) → showers``.
 
@@ -359,24 +425,11 @@ class OnnxSampler:
 
     def __init__(self, path: str | os.PathLike[str], providers: Sequence[str] | None = None,
                  threads: int | None = None, chunk_size: int | None = 256) -> None:
-        import onnxruntime as ort
-
         if chunk_size is not None and chunk_size < 1:
             raise FlowsError(f"chunk_size: must be positive or None, got {chunk_size}")
         self.chunk_size = chunk_size
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FlowsError(f"{self.path}: no such ONNX file")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: its load-time warnings are not the user's business
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-        try:
-            self.session = ort.InferenceSession(str(self.path), options,
-                                                providers=list(providers or default_providers()))
-        except (*_ort_errors(), ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise FlowsError(f"{self.path}: cannot load the ONNX model ({first})") from None
+        self.session: Any = onnx_session(self.path, providers, threads)
         names = tuple(i.name for i in self.session.get_inputs())
         outputs = tuple(o.name for o in self.session.get_outputs())
         if names != SAMPLER_INPUTS or outputs != (SAMPLER_OUTPUT,):

@@ -26,7 +26,7 @@ from .fast import FastIAFSampler, _Block
 from .models import IAF, MAF
 from .preprocessing import ENERGY_UNIT_MEV, LOG_FLOOR, CaloFlowPreprocessor
 
-__all__ = ["SamplerGraph", "TeacherLogProbGraph", "rqs_spline", "spline_bin_index"]
+__all__ = ["SamplerGraph", "StudentFlowGraph", "TeacherLogProbGraph", "rqs_spline", "spline_bin_index"]
 
 F32, F64 = torch.float32, torch.float64
 
@@ -411,6 +411,25 @@ class SamplerGraph(nn.Module):
         c2 = self.pre.scaled_log(torch.cat([e[:, None], layer_e], dim=1).clamp_min(0.0)).to(F32)
         x = self.student(noise[:, self.n_layers:], c2)
         return self.pre.voxels(x.to(F64), layer_e).to(F32)
+
+
+class StudentFlowGraph(nn.Module):
+    """The student's Flow II alone: ``(noise (N, D), context (N, C)) → x (N, D)``, float32.
+
+    ``x`` is in the preprocessed (logit) space, as ``IAF.inverse`` returns it; what the benchmark times
+    against :class:`flows.fast.FastIAFSampler` (Flow I and the preprocessing are left out on both sides).
+
+    Args:
+        student: the IAF.
+        groups: output-layer groups of its MADEs (see :class:`flows.fast.FastIAFSampler`).
+    """
+
+    def __init__(self, student: IAF, groups: int = 16) -> None:
+        super().__init__()
+        self.student = _StudentGraph(_cpu_float32(student), groups)
+
+    def forward(self, noise: Tensor, context: Tensor) -> Tensor:
+        return self.student(noise, context)
 
 
 class TeacherLogProbGraph(nn.Module):

@@ -1,19 +1,22 @@
-"""The student's spline in one compiled pass: the fused rational-quadratic spline inverse on CPU.
+"""The rational-quadratic spline in one compiled pass per element, on CPU: sampling and training.
 
 :func:`flows.fast.rqs_inverse` in torch runs a dozen small kernels per block (softmax, cumsum, gathers,
 the quadratic root), each a pass over a ``(N, 3K − 1, D)`` tensor; at CaloFlow sizes they took about as
 long as the student's matrix products. ``flows/csrc/rqs_inverse.cpp`` does the same arithmetic in one
 pass per element, vectorised over the feature axis (glibc's vector ``exp``/``log``) and spread over rows
-with OpenMP (the same ``libgomp`` that torch loads).
+with OpenMP (the same ``libgomp`` that torch loads). For training, ``flows/csrc/rqs_spline.cpp`` does the
+forward and the inverse with an analytic backward (:func:`rq_spline_native`, an autograd function used by
+:class:`flows.transforms.RQSAutoregressiveTransform`): autograd through the torch spline took most of a
+training step.
 
-The source is compiled on first use with the system C++ compiler (``$CXX`` or ``g++``, about two
+The sources are compiled on first use with the system C++ compiler (``$CXX`` or ``g++``, about two
 seconds) into a per-user cache (``$CALODISTILL_CACHE_DIR``, else ``$XDG_CACHE_HOME/calodistill``, else
 ``~/.cache/calodistill``), keyed by the source, the flags, the compiler and the CPU, written to a temporary
 name and renamed. Nothing is downloaded. Where no compiler works, or with ``CALODISTILL_NATIVE=0``, the
 sampler keeps the torch spline (:func:`available` says which; the reason is logged once).
 
-Tested equal to nflows' ``unconstrained_rational_quadratic_spline(inverse=True, tails="linear")`` in
-float64 and float32 (tests/flows/test_native.py).
+Tested equal to nflows' ``unconstrained_rational_quadratic_spline(inverse=True, tails="linear")`` and to
+the torch spline's values and gradients in float64 and float32 (tests/flows/test_native.py).
 """
 
 from __future__ import annotations
@@ -36,7 +39,18 @@ from torch import Tensor
 
 from .errors import FlowsError
 
-__all__ = ["available", "unavailable_reason", "supports_bins", "rqs_inverse_native", "library_path", "NativeSpline", "vectorised"]
+__all__ = [
+    "NativeSpline",
+    "available",
+    "library_path",
+    "rq_spline_native",
+    "rqs_inverse_native",
+    "supports_bins",
+    "train_spline_available",
+    "train_spline_supports",
+    "unavailable_reason",
+    "vectorised",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -360,8 +374,10 @@ def rq_spline_native(inputs: Tensor, params: Tensor, inverse: bool, tail_bound: 
         raise FlowsError(f"inputs/params: expected (N, D) and (N, D, 3K-1), got {tuple(inputs.shape)}, "
                          f"{tuple(params.shape)}")
     if not train_spline_supports(inputs, params):
+        _load_train()
+        why = str(_train_state.get("reason", "")) or unavailable_reason() or "unsupported"
         raise FlowsError(f"native training spline: cannot take {inputs.device} {inputs.dtype} / {params.dtype} "
-                         f"with {params.shape[-1]} parameters per feature ({unavailable_reason() or 'unsupported'})")
+                         f"with {params.shape[-1]} parameters per feature ({why})")
     spec = (float(tail_bound), float(min_bin_width), float(min_bin_height), float(min_derivative),
             _edge_derivative(min_derivative, inputs.dtype))
     return _RQSpline.apply(inputs, params, inverse, spec)

@@ -27,7 +27,10 @@ def worker(threads: int, seconds: float, start: float) -> None:
 
     torch.set_num_threads(threads)
     from calodistill.flows.config import FlowConfig
-    from calodistill.flows.distillation import distillation_step_loss, init_student_from_teacher
+    from calodistill.flows.distillation import (
+        distillation_step_loss,
+        init_student_from_teacher,
+    )
     from calodistill.flows.models import build_iaf_like, build_maf
 
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training_ab import _extract  # noqa: E402
+from bench_training_ab import _extract
 
 
 def main() -> None:
@@ -41,8 +41,8 @@ def main() -> None:
     from calodistill.flows.teacher_sampling import FastMAFSampler
 
     torch.manual_seed(0)
-    kw = dict(features=504, context_features=4, n_blocks=4, hidden_features=64, n_hidden_layers=1, kind="spline",
-              num_bins=8, tail_bound=14.0)
+    kw = {"features": 504, "context_features": 4, "n_blocks": 4, "hidden_features": 64, "n_hidden_layers": 1,
+          "kind": "spline", "num_bins": 8, "tail_bound": 14.0}
     teacher = build_maf(FlowConfig(**kw)).eval()
     old = old_models.build_maf(old_config.FlowConfig(**kw))
     old.load_state_dict(teacher.state_dict())
@@ -52,7 +52,7 @@ def main() -> None:
     z, c = torch.randn(1000, 504, generator=gen), torch.randn(1000, 4, generator=gen)
     fast(z[:2], c[:2])
 
-    def call(kind: str, b: int):  # noqa: ANN202
+    def call(kind: str, b: int):
         if kind == "fast":
             return lambda: fast(z[:b], c[:b])
         model = old if kind == "rev" else teacher

@@ -52,11 +52,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="calohead-"))
     _extract(args.rev, tmp)
     sys.path.insert(0, str(tmp))
-    from calodistill.pipeline.metrics.throughput import capture_matmuls, matmul_replay_call
+    from calodistill.pipeline.metrics.throughput import (
+        capture_matmuls,
+        matmul_replay_call,
+    )
 
     d, c, blocks, th, sh, bd, bt = SIZES[args.size]
-    kw = dict(features=d, context_features=c, n_blocks=blocks, hidden_features=th, kind="spline", num_bins=8,
-              tail_bound=14.0)
+    kw = {"features": d, "context_features": c, "n_blocks": blocks, "hidden_features": th, "kind": "spline",
+          "num_bins": 8, "tail_bound": 14.0}
     mods = {tag: {m: importlib.import_module(f"{pkg}.flows.{m}") for m in ("config", "models", "distillation", "losses")}
             for tag, pkg in (("old", "calohead"), ("new", "calodistill"))}
     torch.manual_seed(0)

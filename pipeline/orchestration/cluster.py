@@ -536,6 +536,6 @@ def worker_environ() -> dict[str, Any]:
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
     # OpenMP threads sleep instead of spinning at barriers: with other work on the cores, spinning torch
-    # threads slowed a distillation step ~15x (docs/benchmarks.md, 2026-11-29); a user's setting wins
+    # threads slowed a distillation step 3-20x (docs/benchmarks.md, 2026-11-29); a user's setting wins
     env.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     return {"distributed.nanny.pre-spawn-environ": env}

@@ -251,7 +251,8 @@ def _run_distill(ctx: StageContext) -> StageResult:
                        info={"timing_batch": batch, "teacher_timing_batch": teacher_batch})
 
 
-_GENERATE_PARAMS = frozenset({"n", "energies", "batch_size", "device", "seed", "shard_size", "sample_artifact_n"})
+_GENERATE_PARAMS = frozenset({"n", "energies", "batch_size", "device", "seed", "shard_size", "sample_artifact_n",
+                              "allow_extrapolation"})
 
 
 def _validate_generate(params: dict[str, Any]) -> None:
@@ -265,6 +266,8 @@ def _validate_generate(params: dict[str, Any]) -> None:
         parse_energy_spec(str(params.get("energies", "uniform:1GeV:100GeV")))
     except CalodistillError as exc:
         raise CalodistillError(f"params.energies: {str(exc).removeprefix('--energies: ')}") from None
+    if not isinstance(params.get("allow_extrapolation", False), bool):
+        raise CalodistillError(f"params.allow_extrapolation: expected true or false, got {params['allow_extrapolation']!r}")
 
 
 def _run_generate(ctx: StageContext) -> StageResult:
@@ -283,6 +286,7 @@ def _run_generate(ctx: StageContext) -> StageResult:
         "progress": False,
         "parts_dir": ctx.work_dir / "_parts",
         "overwrite": True,  # the stage's own output in its stage directory (a resumed attempt rewrites it)
+        "allow_extrapolation": bool(params.get("allow_extrapolation", False)),  # as --allow-extrapolation
     }
     for key in ("batch_size", "shard_size"):
         if key in params:

@@ -35,6 +35,9 @@ or loaded from trained model directories. Sizes for CaloChallenge dataset 1 foll
 teacher hidden 378, student hidden 736; pions teacher 533, student 500; one hidden layer per MADE,
 8 blocks, 8 bins, tail bound 14. Other geometries: teacher hidden = D, student hidden = 2·D.
 
+Long because: one runner for four sections (sampling, floor, ingest, training) that share the models, the
+device, the budget and the result layout.
+
 References:
     Krause & Shih, CaloFlow II, arXiv:2110.11377 (timing protocol, table of ms per shower).
 """
@@ -59,7 +62,13 @@ from ...flows.models import IAF, MAF
 from ..data.bundle import FLOW2_FILES, ModelBundle
 from ..errors import CalodistillError
 from ..metrics.memory import PeakMemory
-from ..metrics.throughput import BudgetedTimer, Timing, capture_matmuls, matmul_floor_call, matmul_replay_call
+from ..metrics.throughput import (
+    BudgetedTimer,
+    Timing,
+    capture_matmuls,
+    matmul_floor_call,
+    matmul_replay_call,
+)
 from ..metrics.timing import time_calls
 from ..report.bench_table import render_markdown
 

@@ -10,7 +10,10 @@ import torch
 from torch import Tensor
 
 from calodistill.flows.config import FlowConfig
-from calodistill.flows.distillation import distillation_step_loss, init_student_from_teacher
+from calodistill.flows.distillation import (
+    distillation_step_loss,
+    init_student_from_teacher,
+)
 from calodistill.flows.losses import nll_loss, squared_error
 from calodistill.flows.models import IAF, MAF, build_iaf_like, build_maf
 

@@ -46,8 +46,8 @@ def test_budgeted_timer_replaces_a_batch_that_does_not_fit() -> None:
 
 
 def test_matmul_floor_call_runs_the_students_shapes() -> None:
-    from calodistill.flows.fast import FastIAFSampler
     from calodistill.flows.config import FlowConfig
+    from calodistill.flows.fast import FastIAFSampler
     from calodistill.flows.models import build_iaf_like, build_maf
 
     torch.manual_seed(0)

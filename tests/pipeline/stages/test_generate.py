@@ -257,8 +257,8 @@ def test_resumed_shards_of_another_set_up_start_over_and_timing_counts_what_was_
     other = generate_showers_file(str(student_dir), 25, "ladder", out, batch_size=7, **kwargs)
     assert other["n_sampled"] == 25
     assert json.loads((parts / "manifest.json").read_text())["batch_size"] == 7
-    fresh = generate_showers_file(str(student_dir), 25, "ladder", tmp_path / "fresh.h5", batch_size=7,
-                                  shard_size=10, device="cpu", progress=False)
+    generate_showers_file(str(student_dir), 25, "ladder", tmp_path / "fresh.h5", batch_size=7,
+                          shard_size=10, device="cpu", progress=False)
     assert np.array_equal(read_showers(out).voxels, read_showers(tmp_path / "fresh.h5").voxels)
     # every shard reused: nothing was timed, and the result says so
     every = generate_showers_file(str(student_dir), 25, "ladder", out, batch_size=7, **kwargs)
