@@ -15,8 +15,8 @@ its fast direction), so every step costs one pass of each model per half-step:
 Each epoch a Monte-Carlo KL(student ‖ teacher) estimate on validation conditions, computed without
 gradients and with the same noise every epoch (common random numbers), picks the best checkpoint.
 
-The student's exact likelihood of data, log q(x), needs its slow forward direction (D sequential
-passes): :func:`student_nll` evaluates it on a subset, batched, with a progress bar.
+The student's exact likelihood of data, log q(x), needs its slow forward direction (solved voxel by
+voxel, :mod:`flows.student_density`): :func:`student_nll` evaluates it on a subset, batched.
 :func:`sample_nll` scores the student's own samples in one pass.
 
 References:
@@ -34,13 +34,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .config import DistillConfig, TrainConfig
 from .device import resolve_device
 from .errors import FlowsError
 from .losses import distillation_loss, kl_student_teacher, squared_error
-from .models import FlowTrace
-from .training import EpochCallback, FitResult, evaluate_nll, fit
+from .models import IAF, FlowTrace
+from .student_density import FastIAFDensity, exact_log_prob
+from .training import EpochCallback, FitResult, fit
 
 __all__ = [
     "distill",
@@ -338,15 +340,24 @@ def student_nll(
 ) -> float:
     """Exact NLL of data under the student, ``-mean log q(x | c)``, in nats per example.
 
-    For an IAF this is the slow direction (D sequential passes per batch), so it runs on the first
+    For an IAF this is the slow direction, solved voxel by voxel per block
+    (:class:`flows.student_density.FastIAFDensity`; equal to nflows' D-pass ``log_prob``), on the first
     ``max_examples`` examples only (all when None), batched, with a progress bar.
     """
     n = len(x) if max_examples is None else min(len(x), int(max_examples))
     if n == 0:
         raise FlowsError("student_nll: no examples")
-    return evaluate_nll(
-        student, x[:n], context[:n], batch_size=batch_size, device=device, progress=progress, desc="student log q(x)"
-    )
+    dev = resolve_device(device) if device is not None else next(student.parameters()).device
+    student.eval()
+    density = FastIAFDensity(student) if isinstance(student, IAF) else None
+    total = 0.0
+    starts = range(0, n, batch_size)
+    for i in tqdm(starts, desc="student log q(x)", unit="batch", disable=None if progress else True, leave=False):
+        xb = x[i : min(i + batch_size, n)].to(dev)
+        cb = context[i : min(i + batch_size, n)].to(dev)
+        log_q = density.log_prob(xb, cb) if density is not None else exact_log_prob(student, xb, cb)
+        total += float(-log_q.double().sum())
+    return total / n
 
 
 @torch.no_grad()

@@ -3,10 +3,11 @@
 :func:`export_sampler` writes the student sampler as one graph — ``incident_energy (N, 1) MeV`` and
 ``noise (N, L + D)`` standard normal in, ``showers (N, D) MeV`` out, float32, dynamic batch — with the
 host passing the latent noise in; :func:`export_teacher_log_prob` writes the teacher's likelihood (its fast
-direction, data → noise). :func:`sample_from_noise` is the torch sampler on explicit noise and
-:func:`draw_noise` the noise :meth:`ShowerGenerator.sample` draws for a seed, so both paths can be
-compared on the same noise. :class:`OnnxSampler` runs an exported sampler with ONNX Runtime.
-onnx, onnxscript and onnxruntime are imported only when used.
+direction, data → noise); :func:`export_student_flow` the student's Flow II alone (what the benchmark
+times). :func:`sample_from_noise` is the torch sampler on explicit noise and :func:`draw_noise` the noise
+:meth:`ShowerGenerator.sample` draws for a seed, so both paths can be compared on the same noise.
+:class:`OnnxSampler` runs an exported sampler with ONNX Runtime. onnx, onnxscript and onnxruntime are
+imported only when used.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "export_sampler",
     "export_student_flow",
     "export_teacher_log_prob",
+    "iter_noise",
     "onnx_session",
     "sample_from_noise",
 ]
@@ -73,21 +75,26 @@ def _energies(incident_energy: ArrayLike) -> np.ndarray:
     return e
 
 
+def iter_noise(generator: ShowerGenerator, n: int, batch_size: int = 10_000,
+               seed: int = 0) -> Iterator[tuple[slice, np.ndarray]]:
+    """:func:`draw_noise` batch by batch: ``(rows, noise (b, L + D) float32)`` for each batch of ``n``."""
+    if batch_size < 1:
+        raise FlowsError(f"batch_size: must be positive, got {batch_size}")
+    gen = torch.Generator(device=generator.device).manual_seed(int(seed))
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        z1 = generator.flow1.sample_noise(b, gen)
+        z2 = generator.flow2.sample_noise(b, gen)
+        yield slice(start, start + b), torch.cat([z1.float(), z2.float()], dim=1).cpu().numpy()
+
+
 def draw_noise(generator: ShowerGenerator, n: int, batch_size: int = 10_000, seed: int = 0) -> np.ndarray:
     """The noise ``generator.sample(e, batch_size, seed)`` draws for ``n`` showers: ``(n, L + D)`` float32.
 
     Per batch, Flow I's ``(b, L)`` rows are drawn before the Flow II ``(b, D)`` rows from one
     ``torch.Generator``; the columns are laid out as the exported sampler reads them.
     """
-    if batch_size < 1:
-        raise FlowsError(f"batch_size: must be positive, got {batch_size}")
-    gen = torch.Generator(device=generator.device).manual_seed(int(seed))
-    parts = []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        z1 = generator.flow1.sample_noise(b, gen)
-        z2 = generator.flow2.sample_noise(b, gen)
-        parts.append(torch.cat([z1.float(), z2.float()], dim=1).cpu().numpy())
+    parts = [z for _, z in iter_noise(generator, n, batch_size, seed)]
     pre = generator.preprocessor
     return np.concatenate(parts) if parts else np.zeros((0, pre.n_layers + pre.n_voxels), np.float32)
 
@@ -238,7 +245,7 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: Sequ
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto)
     _write_atomic(proto, path)
-    logger.info("wrote %s (%d nodes, opset %d)", path, len(proto.graph.node), opset)
+    logger.debug("wrote %s (%d nodes, opset %d)", path, len(proto.graph.node), opset)
     return path
 
 
@@ -388,13 +395,15 @@ def default_providers() -> list[str]:
 
 
 def onnx_session(path: str | os.PathLike[str], providers: Sequence[str] | None = None,
-                 threads: int | None = None) -> object:
+                 threads: int | None = None, spinning: bool = True) -> object:
     """An ``onnxruntime.InferenceSession`` for ``path``; a file it cannot load is a one-line FlowsError.
 
     Args:
         path: an ``.onnx`` file.
         providers: execution providers (:func:`default_providers` if None).
         threads: intra-op threads (ONNX Runtime's default, all cores, if None).
+        spinning: let idle intra-op threads spin (ONNX Runtime's default); off, they sleep and leave the
+            cores to other work in the process (a benchmark timing torch beside it).
     """
     import onnxruntime as ort
 
@@ -405,6 +414,8 @@ def onnx_session(path: str | os.PathLike[str], providers: Sequence[str] | None =
     options.log_severity_level = 3  # errors only: its load-time warnings are not the user's business
     if threads is not None:
         options.intra_op_num_threads = int(threads)
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers or default_providers()))
     except (*_ort_errors(), ValueError, RuntimeError) as exc:

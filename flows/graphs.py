@@ -26,7 +26,8 @@ from .fast import FastIAFSampler, _Block
 from .models import IAF, MAF
 from .preprocessing import ENERGY_UNIT_MEV, LOG_FLOOR, CaloFlowPreprocessor
 
-__all__ = ["SamplerGraph", "StudentFlowGraph", "TeacherLogProbGraph", "rqs_spline", "spline_bin_index"]
+__all__ = ["SamplerGraph", "StudentFlowGraph", "TeacherLogProbGraph", "rqs_spline", "rqs_spline_packed",
+           "spline_bin_index"]
 
 F32, F64 = torch.float32, torch.float64
 
@@ -45,53 +46,64 @@ def spline_bin_index(knots: Tensor, values: Tensor) -> Tensor:
     return (values.unsqueeze(-1) >= knots[..., 1:-1]).to(torch.int64).sum(dim=-1, keepdim=True)
 
 
-def _knots(unnormalized: Tensor, min_size: float, bound: float) -> Tensor:
-    """Knot positions ``(N, D, K + 1)`` of one spline axis, nflows' construction and arithmetic.
+def _knot_table(unnormalized: Tensor, min_sizes: tuple[float, float], bound: float) -> Tensor:
+    """Knot positions of both spline axes, ``(N, D, 2, K + 1)``: widths' ``[..., 0, :]``, heights' ``[..., 1, :]``.
 
-    The end knots are exactly ``∓B``: the interior knots are padded with zeros and ``[−B, 0, …, 0, B]``
-    added (adding zero is exact), which needs no batch-shaped constant.
+    nflows' construction and arithmetic (``2B · [0, cumsum(sizes)] − B``) for the two axes in one pass;
+    the last knot is set to exactly ``B`` (the first, ``2B · 0 − B``, already is ``−B``).
     """
     num_bins = unnormalized.shape[-1]
-    sizes = min_size + (1 - min_size * num_bins) * F.softmax(unnormalized, dim=-1)
-    inner = 2 * bound * torch.cumsum(sizes, dim=-1)[..., :-1] - bound
-    ends = torch.tensor([-bound, *[0.0] * (num_bins - 1), bound], dtype=inner.dtype, device=inner.device)
-    return F.pad(inner, (1, 1)) + ends
+    lo: float | Tensor = min_sizes[0]
+    scale: float | Tensor = 1 - min_sizes[0] * num_bins
+    if min_sizes[1] != min_sizes[0]:
+        lo = torch.tensor([[m] for m in min_sizes], dtype=unnormalized.dtype, device=unnormalized.device)
+        scale = torch.tensor([[1 - m * num_bins] for m in min_sizes], dtype=unnormalized.dtype,
+                             device=unnormalized.device)
+    sizes = lo + scale * F.softmax(unnormalized, dim=-1)
+    knots = 2 * bound * F.pad(torch.cumsum(sizes, dim=-1), (1, 0)) - bound
+    last = torch.tensor([False] * num_bins + [True], device=knots.device)
+    return torch.where(last, torch.tensor(bound, dtype=knots.dtype, device=knots.device), knots)
 
 
-def rqs_spline(inputs: Tensor, unnormalized_widths: Tensor, unnormalized_heights: Tensor,
-               unnormalized_derivatives: Tensor, inverse: bool, tail_bound: float, min_bin_width: float,
-               min_bin_height: float, min_derivative: float,
-               need_logabsdet: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Rational-quadratic spline with linear tails, out of place and exportable.
+def rqs_spline_packed(inputs: Tensor, params: Tensor, inverse: bool, tail_bound: float, min_bin_width: float,
+                      min_bin_height: float, min_derivative: float,
+                      need_logabsdet: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Rational-quadratic spline with linear tails, out of place and exportable, in few graph nodes.
 
-    The arithmetic of :func:`flows.transforms.rq_spline_linear_tails` (tested equal to nflows'), its
-    parameter layout (``(N, D, K)``, derivatives ``(N, D, K − 1)``), and the bin search of
-    :func:`spline_bin_index`. Only the knots are computed for every bin; bin sizes and slopes are taken
-    from the gathered knots and parameters (the same numbers, a K-th of the work). Returns elementwise
-    ``(outputs, logabsdet)``, identity outside ``[−B, B]``; logabsdet is None unless asked for.
+    The arithmetic of :func:`flows.transforms.rq_spline_linear_tails` (tested equal to nflows') on a
+    MADE's output as it comes, ``params`` ``(N, D, 3K − 1)`` (unnormalised widths, heights, interior
+    derivatives). Few nodes, because an exported graph pays a fixed cost per node at batch 1: the knots
+    of both axes in one softmax and cumsum, the bin search of :func:`spline_bin_index`, and one gather
+    of the six numbers a bin needs (its two width knots, two height knots, two derivatives) from one
+    table. Returns elementwise ``(outputs, logabsdet)``, identity outside ``[−B, B]``; logabsdet is None
+    unless asked for.
     """
     bound = float(tail_bound)
-    inside = inputs.abs() <= bound
-    x = inputs.clamp(-bound, bound)
-    cumwidths = _knots(unnormalized_widths, min_bin_width, bound)
-    cumheights = _knots(unnormalized_heights, min_bin_height, bound)
-    idx = spline_bin_index(cumheights if inverse else cumwidths, x)
-    idx1 = idx + 1
-    x = x.unsqueeze(-1)
-    in_cumwidths = cumwidths.gather(-1, idx)
-    in_widths = cumwidths.gather(-1, idx1) - in_cumwidths
-    in_cumheights = cumheights.gather(-1, idx)
-    in_heights = cumheights.gather(-1, idx1) - in_cumheights
-    edge = math.log(math.expm1(1 - min_derivative))
-    padded = F.pad(unnormalized_derivatives, (1, 1), value=edge)
-    in_d0 = min_derivative + F.softplus(padded.gather(-1, idx))
-    in_d1 = min_derivative + F.softplus(padded.gather(-1, idx1))
+    num_bins = (params.shape[-1] + 1) // 3
+    d, k1 = inputs.shape[1], num_bins + 1
+    clamped = inputs.clamp(-bound, bound)
+    inside = clamped == inputs
+    x = clamped.unsqueeze(-1)
+    wh, raw_derivatives = params.split([2 * num_bins, num_bins - 1], dim=-1)
+    # .contiguous(): a reshape of a view exports with the batch size read at run time (three more nodes)
+    knots = _knot_table(wh.contiguous().reshape(-1, d, 2, num_bins), (min_bin_width, min_bin_height), bound)
+    knots = knots.contiguous().reshape(-1, d, 2 * k1)  # widths' knots, then heights'
+    first = k1 if inverse else 0  # search the heights' knots going backwards, the widths' going forwards
+    idx = (x >= knots[..., first + 1:first + num_bins]).to(torch.int64).sum(dim=-1, keepdim=True)
+    edge = math.log(math.expm1(1 - min_derivative))  # nflows' end derivatives: the identity tails join
+    table = torch.cat([knots, F.pad(raw_derivatives, (1, 1), value=edge)], dim=-1)  # (N, D, 3K + 3)
+    cols = idx + torch.tensor([0, 1, k1, k1 + 1, 2 * k1, 2 * k1 + 1], device=idx.device)
+    in_cumwidths, right_w, in_cumheights, right_h, derivatives = table.gather(-1, cols).split([1, 1, 1, 1, 2], dim=-1)
+    in_d0, in_d1 = (min_derivative + F.softplus(derivatives)).split(1, dim=-1)
+    in_widths = right_w - in_cumwidths
+    in_heights = right_h - in_cumheights
     in_delta = in_heights / in_widths
     slope_sum = in_d0 + in_d1 - 2 * in_delta
     if inverse:  # the root of a·θ² + b·θ − c = 0 in [0, 1], signs as in flows.fast.rqs_inverse
         dy = x - in_cumheights
-        a = dy * slope_sum + in_heights * (in_delta - in_d0)
-        b = in_heights * in_d0 - dy * slope_sum
+        dy_slope = dy * slope_sum
+        a = dy_slope + in_heights * (in_delta - in_d0)
+        b = in_heights * in_d0 - dy_slope
         c = in_delta * dy
         discriminant = (b * b + 4 * (a * c)).clamp_min(0.0)
         theta = (2 * c) / (b + torch.sqrt(discriminant))
@@ -111,6 +123,17 @@ def rqs_spline(inputs: Tensor, unnormalized_widths: Tensor, unnormalized_heights
     if inverse:
         logabsdet = -logabsdet
     return outputs, torch.where(inside, logabsdet, torch.zeros_like(logabsdet))
+
+
+def rqs_spline(inputs: Tensor, unnormalized_widths: Tensor, unnormalized_heights: Tensor,
+               unnormalized_derivatives: Tensor, inverse: bool, tail_bound: float, min_bin_width: float,
+               min_bin_height: float, min_derivative: float,
+               need_logabsdet: bool = True) -> tuple[Tensor, Tensor | None]:
+    """:func:`rqs_spline_packed` with nflows' three parameter tensors (``(N, D, K)``, ``(N, D, K)``,
+    ``(N, D, K − 1)``)."""
+    params = torch.cat([unnormalized_widths, unnormalized_heights, unnormalized_derivatives], dim=-1)
+    return rqs_spline_packed(inputs, params, inverse, tail_bound, min_bin_width, min_bin_height, min_derivative,
+                             need_logabsdet)
 
 
 class _Linear(nn.Module):
@@ -143,9 +166,7 @@ class _Elementwise(nn.Module):
                 need_logabsdet: bool = True) -> tuple[Tensor, Tensor | None]:
         """``(outputs, logabsdet per row or None)``; ``inverse`` selects the spline (or affine) inverse."""
         if self.kind == "spline":
-            nb = self.num_bins
-            out, lad = rqs_spline(h, p[..., :nb], p[..., nb:2 * nb], p[..., 2 * nb:], inverse, **self.spline,
-                                  need_logabsdet=need_logabsdet)
+            out, lad = rqs_spline_packed(h, p, inverse, **self.spline, need_logabsdet=need_logabsdet)
             return out, lad.sum(dim=1) if lad is not None else None
         scale = F.softplus(p[..., 0]) + self.epsilon
         out = (h - p[..., 1]) / scale if inverse else scale * h + p[..., 1]
@@ -174,10 +195,22 @@ class _MADE(nn.Module):
         self.activation: Callable[[Tensor], Tensor] = made._activation
         self.m, self.d = m, d
 
-    def forward(self, x: Tensor, context: Tensor | None) -> Tensor:
-        a = self.first(x)
-        if self.context is not None and context is not None:
-            a = a + self.context(context)
+    def forward(self, x: Tensor | None, context: Tensor | None) -> Tensor:
+        return self.with_context_term(x, self.context_term(context))
+
+    def context_term(self, context: Tensor | None) -> Tensor | None:
+        """The context's share of the first layer: the same in each of a block's D inverse passes."""
+        return self.context(context) if self.context is not None and context is not None else None
+
+    def with_context_term(self, x: Tensor | None, term: Tensor | None) -> Tensor:
+        """The MADE output for ``x`` (None: all zeros, whose first layer is its bias) and a context term."""
+        if x is None:
+            assert term is not None, "an all-zero input needs the context term for its batch size"
+            a = self.first.bias + term
+        else:
+            a = self.first(x)
+            if term is not None:
+                a = a + term
         a = self.activation(a)
         for layer in self.hidden:
             a = self.activation(layer(a))
@@ -217,9 +250,11 @@ class _MAFGraph(nn.Module):
         for k in range(len(self.made) - 1, -1, -1):
             if k < self.n_perms:
                 h = h.index_select(1, getattr(self, f"unperm{k}"))
-            out = torch.zeros_like(h)
+            made, term = self.made[k], self.made[k].context_term(context)
+            out: Tensor | None = None if term is not None else torch.zeros_like(h)  # first pass: from zeros
             for _ in range(self.features):
-                out, _ = self.maps[k](h, self.made[k](out, context), inverse=True, need_logabsdet=False)
+                out, _ = self.maps[k](h, made.with_context_term(out, term), inverse=True, need_logabsdet=False)
+            assert out is not None
             h = out
         return h
 
@@ -256,16 +291,18 @@ class _StudentBlock(nn.Module):
                 s, wg, bg = s0, torch.cat([w0, wg], dim=1), torch.cat([b0, bg])
             merged.append((s, e, hg, wg, bg))
         self.groups = [(s, e, hg) for s, e, hg, _, _ in merged]
+        self.features = merged[-1][1] - merged[0][0]
         self.out = nn.ModuleList(_Linear(wg, bg) for _, _, _, wg, bg in merged)
 
     def forward(self, h: Tensor, ctx_all: Tensor, m: int) -> Tensor:
         """The MADE output ``(N, D, M)`` of the (re-indexed) state ``h``."""
         lo, hi = self.ctx_slice
-        a = self.activation(self.first(h) + ctx_all[:, lo:hi])
+        a = self.activation(self.first(h) + ctx_all.narrow(1, lo, hi - lo))  # narrow: one Slice node
         for layer in self.hidden:
             a = self.activation(layer(a))
-        parts = [lin(a[:, :hg]).reshape(-1, e - s, m) for (s, e, hg), lin in zip(self.groups, self.out)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        parts = [lin(a.narrow(1, 0, hg)) for (_, _, hg), lin in zip(self.groups, self.out)]  # feature-major
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return flat.reshape(-1, self.features, m)
 
 
 class _StudentGraph(nn.Module):
@@ -331,7 +368,7 @@ class _Preprocessing(nn.Module):
         return (log10 - self.mean[:n]) / self.std[:n]
 
     def layer_sums(self, voxels: Tensor) -> Tensor:
-        return torch.stack([voxels[:, a:b].sum(dim=1) for a, b in self.bounds], dim=1)
+        return torch.stack([voxels.narrow(1, a, b - a).sum(dim=1) for a, b in self.bounds], dim=1)
 
     def logit(self, u: Tensor) -> Tensor:
         y = torch.clamp(self.alpha + self.scale * u, self.alpha, self.one_minus_alpha)
@@ -406,10 +443,10 @@ class SamplerGraph(nn.Module):
     def forward(self, incident_energy: Tensor, noise: Tensor) -> Tensor:
         e = incident_energy[:, 0].to(F64)
         c1 = self.pre.scaled_log(e[:, None]).to(F32)
-        u = self.flow1.inverse(noise[:, :self.n_layers], c1)
+        u = self.flow1.inverse(noise.narrow(1, 0, self.n_layers), c1)
         layer_e = self.pre.layer_energies(u.to(F64), e)
         c2 = self.pre.scaled_log(torch.cat([e[:, None], layer_e], dim=1).clamp_min(0.0)).to(F32)
-        x = self.student(noise[:, self.n_layers:], c2)
+        x = self.student(noise.narrow(1, self.n_layers, noise.shape[1] - self.n_layers), c2)
         return self.pre.voxels(x.to(F64), layer_e).to(F32)
 
 

@@ -19,6 +19,7 @@ from .errors import FlowsError
 from .fast import FastIAFSampler
 from .models import IAF, MAF
 from .preprocessing import CaloFlowPreprocessor
+from .student_density import exact_log_prob
 from .teacher_sampling import FastMAFSampler
 
 logger = logging.getLogger(__name__)
@@ -143,8 +144,8 @@ class ShowerGenerator:
                  seed: int = 0, add_noise: bool = True, progress: bool = False) -> dict[str, np.ndarray]:
         """Log-likelihood of showers in preprocessed space: ``{"flow1", "flow2", "total"}`` (N,) each.
 
-        The preprocessing noise is drawn from ``seed``. For a student Flow II this runs its exact
-        D-pass density (slow); use a subset.
+        The preprocessing noise is drawn from ``seed``. For a student Flow II this is its exact density
+        solved voxel by voxel (:func:`flows.student_density.exact_log_prob`): slower than sampling.
         """
         e_inc = self._energies(e_inc_mev)
         vox = (voxels_mev.detach().cpu().numpy() if isinstance(voxels_mev, Tensor)
@@ -166,8 +167,8 @@ class ShowerGenerator:
                 d1, d2 = self._dtype(self.flow1), self._dtype(self.flow2)
                 lp1 = self.flow1.log_prob(torch.as_tensor(t.flow1_x, device=self.device, dtype=d1),
                                           torch.as_tensor(t.flow1_context, device=self.device, dtype=d1))
-                lp2 = self.flow2.log_prob(torch.as_tensor(t.flow2_x, device=self.device, dtype=d2),
-                                          torch.as_tensor(t.flow2_context, device=self.device, dtype=d2))
+                lp2 = exact_log_prob(self.flow2, torch.as_tensor(t.flow2_x, device=self.device, dtype=d2),
+                                     torch.as_tensor(t.flow2_context, device=self.device, dtype=d2))
                 out1[sl] = lp1.double().cpu().numpy()
                 out2[sl] = lp2.double().cpu().numpy()
         return {"flow1": out1, "flow2": out2, "total": out1 + out2}

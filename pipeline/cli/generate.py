@@ -37,6 +37,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--allow-extrapolation", action="store_true",
                         help="generate at energies outside the model's training range (with a warning)")
+    parser.add_argument("--engine", default="torch", choices=("torch", "onnx"),
+                        help="torch (default) or onnx: sample through ONNX Runtime on the noise the torch path "
+                             "draws on the CPU for the same seed (a student, in this process)")
+    parser.add_argument("--onnx", type=Path, default=None, metavar="FILE.onnx",
+                        help="with --engine onnx: a sampler written by `calodistill export` from this model "
+                             "(default: export one for this run)")
     parser.add_argument("--geometry", default=None, metavar="NAME_OR_FILE",
                         help="refuse a model trained on another geometry (preset name, geometry YAML or binning XML); "
                              "the model carries its own, so this is only a check")
@@ -60,8 +66,10 @@ def run_cli(args: argparse.Namespace) -> int:
     res = generate_showers_file(args.model, args.n, args.energies, args.out, batch_size=args.batch_size,
                                 device=args.device, scheduler=args.scheduler, seed=args.seed,
                                 shard_size=args.shard_size, tracking_uri=args.tracking_uri,
-                                overwrite=args.overwrite, allow_extrapolation=args.allow_extrapolation)
-    head = f"wrote {res['n']} showers ({res['geometry']}, {res['model_kind']}, {res['device']}) to {res['out']}"
+                                overwrite=args.overwrite, allow_extrapolation=args.allow_extrapolation,
+                                engine=args.engine, onnx=args.onnx)
+    where = "onnxruntime" if res.get("engine") == "onnx" else res["device"]
+    head = f"wrote {res['n']} showers ({res['geometry']}, {res['model_kind']}, {where}) to {res['out']}"
     reused = res["n"] - res["n_sampled"]
     if not res["n_sampled"]:
         print(f"{head}: every shard reused from an interrupted run, sampling not timed")

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("calodistill.pipeline.cli.distill", "distil the IAF student from a trained teacher (CaloFlow II)"),
     "generate": ("calodistill.pipeline.cli.generate", "generate showers with Flow I + the student (HDF5 or Parquet)"),
     "evaluate": ("calodistill.pipeline.cli.evaluate", "compare generated showers with a reference: NLL, observables, AUC, plots"),
+    "export": ("calodistill.pipeline.cli.export", "export the student as ONNX for simulators (Geant4), checked against torch"),
     "bench": ("calodistill.pipeline.cli.bench", "benchmark teacher vs student sampling, the matmul floor, ingest and training"),
 }
 

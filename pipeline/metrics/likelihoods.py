@@ -22,6 +22,7 @@ __all__ = [
     "seeded_subset",
     "as_numpy",
     "shower_log_likelihood",
+    "shower_log_likelihoods",
     "model_likelihoods",
     "kl_per_shower",
 ]
@@ -70,32 +71,45 @@ def as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def shower_log_likelihood(
+def shower_log_likelihoods(
     generator: Any, showers: Showers, batch_size: int = 1024, device: str | None = None, seed: int = 0
-) -> np.ndarray:
-    """Per-shower log-likelihood under a shower generator (Flow I + Flow II), nats.
+) -> dict[str, np.ndarray]:
+    """Per-shower log-likelihoods under a shower generator, nats: ``{"flow1", "flow2", "total"}``.
 
-    Uses :meth:`flows.sampling.ShowerGenerator.log_prob` (its ``"total"``): the density in the flows'
-    preprocessed (logit) space. That space is the same for a teacher and its student (they share the
-    preprocessing and Flow I), so their values are directly comparable; the preprocessing noise is drawn
-    from ``seed``, so both see the same noisy inputs.
+    Uses :meth:`flows.sampling.ShowerGenerator.log_prob`: the density in the flows' preprocessed (logit)
+    space. That space is the same for a teacher and its student (they share the preprocessing and Flow I),
+    so their values are directly comparable; the preprocessing noise is drawn from ``seed``, so both see
+    the same noisy inputs. A student's Flow II density is exact (solved voxel by voxel,
+    :func:`flows.student_density.exact_log_prob`).
 
     Args:
         generator: a :class:`flows.sampling.ShowerGenerator`.
         showers: the showers to score.
-        batch_size: showers per pass (the student's exact density costs D sequential passes per batch).
+        batch_size: showers per pass.
         device: torch device (moves the generator there).
         seed: seeds the preprocessing noise.
 
     Returns:
-        ``(N,)`` float64 log-likelihoods.
+        ``(N,)`` float64 log-likelihoods per part (``"total"`` only for a generator that returns one array).
     """
     if device is not None and hasattr(generator, "to"):
         generator.to(device)
     lp = generator.log_prob(showers.incident_energy, showers.voxels, batch_size=batch_size, seed=seed)
-    if isinstance(lp, dict):
-        lp = lp["total"]
-    return as_numpy(lp).astype(np.float64).reshape(-1)
+    parts = lp if isinstance(lp, dict) else {"total": lp}
+    return {k: as_numpy(v).astype(np.float64).reshape(-1) for k, v in parts.items()}
+
+
+def shower_log_likelihood(
+    generator: Any, showers: Showers, batch_size: int = 1024, device: str | None = None, seed: int = 0
+) -> np.ndarray:
+    """Per-shower log-likelihood (Flow I + Flow II) under a shower generator, nats: the ``"total"`` of
+    :func:`shower_log_likelihoods` (same arguments)."""
+    return shower_log_likelihoods(generator, showers, batch_size, device, seed)["total"]
+
+
+def _rel_diff(student: float, teacher: float) -> float:
+    """(student − teacher) / |teacher|: the student's NLL excess relative to the teacher's."""
+    return (student - teacher) / abs(teacher) if teacher else float("nan")
 
 
 def model_likelihoods(
@@ -104,12 +118,12 @@ def model_likelihoods(
     student: Any | None,
     edges: np.ndarray,
     max_showers: int = 5000,
-    student_max_showers: int = 200,
+    student_max_showers: int = 1000,
     kl_samples: int = 2000,
     device: str | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Teacher NLL, student exact NLL (subset) and KL(student ‖ teacher), overall and per energy bin.
+    """Teacher NLL, both models' exact NLL on one subset and KL(student ‖ teacher), overall and per energy bin.
 
     Args:
         reference: held-out showers (the test split).
@@ -117,8 +131,8 @@ def model_likelihoods(
         student: the student generator, or None.
         edges: incident-energy bin edges (:func:`energy_bin_edges`).
         max_showers: teacher NLL on at most this many reference showers.
-        student_max_showers: the student's exact density (D sequential passes) on at most this many; the
-            teacher is scored on the same subset (``nll_teacher_subset``) for a like-for-like comparison.
+        student_max_showers: the student's exact density on at most this many; the teacher is scored on
+            the same subset, with the same preprocessing noise, for a like-for-like comparison.
         kl_samples: student samples for the KL estimate (conditions drawn from the reference).
         device: torch device.
         seed: seeds the subsets and the student's samples.
@@ -126,7 +140,11 @@ def model_likelihoods(
     Returns:
         ``(metrics, per_bin)``: flat metrics (``nll_teacher``, ``nll_teacher_subset``,
         ``nll_student_subset``, ``kl_student_teacher``, each also as ``<name>_ebin<k>``) and
-        ``{name: value per bin}`` for the plots.
+        ``{name: value per bin}`` for the plots. With both models, the subset's comparison is also logged
+        as ``test_nll_teacher``, ``test_nll_student`` (Flow I + Flow II, nats per shower),
+        ``test_nll_rel_diff`` = (student − teacher) / |teacher|, ``test_nll_flow2_teacher``,
+        ``test_nll_flow2_student`` and ``test_nll_flow2_rel_diff`` (Flow II alone: Flow I is shared, so
+        this is where the two differ), and ``test_nll_showers`` (the subset's size).
     """
     rng = np.random.default_rng(seed)
     metrics: dict[str, float] = {}
@@ -151,12 +169,22 @@ def model_likelihoods(
     if student is not None:
         part = pick(student_max_showers)
         t0 = time.perf_counter()
-        record("nll_student_subset", -shower_log_likelihood(student, part, batch_size=256, device=device, seed=seed),
-               part.incident_energy)
-        logger.info("student exact NLL on %d showers in %.1f s", len(part), time.perf_counter() - t0)
+        s_lp = shower_log_likelihoods(student, part, batch_size=1000, device=device, seed=seed)
+        metrics["student_nll_seconds"] = time.perf_counter() - t0
+        record("nll_student_subset", -s_lp["total"], part.incident_energy)
+        logger.info("student exact NLL on %d showers in %.1f s", len(part), metrics["student_nll_seconds"])
         if teacher is not None:
-            record("nll_teacher_subset", -shower_log_likelihood(teacher, part, device=device, seed=seed),
-                   part.incident_energy)
+            t_lp = shower_log_likelihoods(teacher, part, device=device, seed=seed)
+            record("nll_teacher_subset", -t_lp["total"], part.incident_energy)
+            metrics["test_nll_showers"] = float(len(part))
+            for suffix, key in (("", "total"), ("_flow2", "flow2")):
+                if key in s_lp and key in t_lp:
+                    s_nll, t_nll = -float(np.mean(s_lp[key])), -float(np.mean(t_lp[key]))
+                    metrics[f"test_nll{suffix}_teacher"] = t_nll
+                    metrics[f"test_nll{suffix}_student"] = s_nll
+                    metrics[f"test_nll{suffix}_rel_diff"] = _rel_diff(s_nll, t_nll)
+            logger.info("test NLL on the same %d showers: student %.3f, teacher %.3f (rel. diff %.3g)", len(part),
+                        metrics["test_nll_student"], metrics["test_nll_teacher"], metrics["test_nll_rel_diff"])
     if teacher is not None and student is not None:
         part = pick(kl_samples)
         kl = kl_per_shower(student, teacher, part, resolve_device(device), seed)

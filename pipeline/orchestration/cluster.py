@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import build_config, load_config_file
+from ..data.scheduler import make_scratch_dir, remove_scratch_dir
 from ..errors import CalodistillError
 
 if TYPE_CHECKING:
@@ -484,16 +485,21 @@ def _local_client(dag: DagSpec, spec: ClusterSpec, gpu_stages: list[str]) -> Ite
     if gpu_stages and n_gpu == 0:
         raise CalodistillError(f"{dag.path}: stage(s) {', '.join(gpu_stages)} have gpu: true but no CUDA device "
                                f"was found (use --set {gpu_stages[0]}.gpu=false to run on the CPU)")
-    with contextlib.redirect_stdout(sys.stderr), dask.config.set(worker_environ()):
-        cluster = _start_local_cluster(local, n_gpu)
+    scratch = make_scratch_dir()  # not Dask's default, a dask-scratch-space/ left in TMPDIR for good
     try:
-        client = Client(cluster)
+        with contextlib.redirect_stdout(sys.stderr), \
+                dask.config.set({**worker_environ(), "temporary-directory": str(scratch)}):
+            cluster = _start_local_cluster(local, n_gpu)
         try:
-            yield client, cluster.scheduler_address
+            client = Client(cluster)
+            try:
+                yield client, cluster.scheduler_address
+            finally:
+                client.close()
         finally:
-            client.close()
+            cluster.close()
     finally:
-        cluster.close()
+        remove_scratch_dir(scratch)
 
 
 def _start_local_cluster(local: LocalClusterSpec, n_gpu: int) -> Any:

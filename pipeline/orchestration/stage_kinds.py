@@ -15,6 +15,7 @@ distill        :func:`~..stages.distill.distill_student`        ``model`` (prepr
 generate       :func:`~..stages.generate.generate_showers_file` ``showers`` (HDF5 or Parquet file)
 evaluate       :func:`~..stages.evaluate.evaluate_showers`      ``report`` (metrics JSON, plots)
 bench          :func:`~..stages.bench.run_bench`                ``results`` (JSON + markdown)
+export         :func:`~..stages.export.export_onnx`             ``onnx`` (the student sampler, ONNX)
 ============== ================================================ =====================================
 """
 
@@ -345,6 +346,26 @@ def _run_evaluate(ctx: StageContext) -> StageResult:
     return StageResult(metrics=_float_metrics(result), artifacts=arts, tags=tags)
 
 
+_EXPORT_PARAMS = frozenset({"precision", "opset", "groups", "parity_n", "seed"})
+
+
+def _run_export(ctx: StageContext) -> StageResult:
+    from ..stages.export import export_onnx
+
+    out = ctx.outputs["onnx"]
+    teacher = ctx.inputs.get("teacher")
+    log_prob = ctx.work_dir / "teacher_log_prob.onnx" if teacher is not None else None
+    result = export_onnx(str(ctx.inputs["model"]), out, teacher_log_prob=log_prob,
+                         teacher=str(teacher) if teacher is not None else None,
+                         overwrite=True,  # the stage's own outputs (a resumed attempt rewrites them)
+                         **ctx.params)
+    meta = result.get("metadata", {})
+    tags = {"precision": str(result["precision"]), "geometry": str(meta.get("geometry", ""))}
+    info = {k: v for k, v in result.items() if isinstance(v, str | int | float | bool)}
+    return StageResult(metrics=_float_metrics(result), artifacts=[(str(log_prob), "onnx")] if log_prob else [],
+                       tags=tags, model_output="onnx", info=info)
+
+
 _BENCH_RESERVED = ("model_dirs", "ingest_scheduler")
 
 
@@ -421,5 +442,12 @@ BUILTIN_KINDS: tuple[StageKind, ...] = (
         outputs={"results": "bench.json"},
         validate_params=_validate_signature_params("calodistill.pipeline.stages.bench.run_bench", _BENCH_RESERVED),
         description="teacher vs student sampling benchmark",
+    ),
+    StageKind(
+        name="export", run=_run_export,
+        inputs={"model": InputSpec(description="student model directory or MLflow model URI"),
+                "teacher": InputSpec(required=False, description="teacher model: also export its log-likelihood")},
+        outputs={"onnx": "student.onnx"}, params=_EXPORT_PARAMS, key_metric="parity_max_rel_diff",
+        model_role="onnx", description="export the student as one ONNX graph, checked against torch",
     ),
 )

@@ -421,10 +421,17 @@ class PipelineTracker:
 
         With a signature and a one-shower input example (which MLflow checks by loading the logged model
         and sampling it once); what MLflow prints meanwhile goes to the log (:func:`_output_to_log`).
+        Role ``onnx``: ``model_dir`` is an exported ``.onnx`` file (:mod:`.onnx_registry`).
         """
         from mlflow.models import infer_signature
 
         mlflow = self._mlflow
+        if role == "onnx":  # an exported sampler (a file): the onnx flavour, registered as <student>-onnx
+            from .onnx_registry import log_onnx_model
+
+            log_onnx_model(self.client, self.uri, run_id, model_dir, self.dag.tracking.registered_model,
+                           self.dag.tracking.alias, _output_to_log)
+            return
         n_voxels = _model_voxels(model_dir)
         example = pd.DataFrame({"incident_energy": np.array([10_000.0])})
         signature = infer_signature(example, np.zeros((1, n_voxels), dtype=np.float32))

@@ -80,6 +80,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines.append("")
         if notes:
             lines += [*dict.fromkeys(notes), "Every figure was measured at the batch shown; none is extrapolated.", ""]
+    if result.get("onnx"):
+        lines += _onnx_lines(result["onnx"])
     tr = result.get("training")
     if tr:
         lines += ["| training | loss | batch | showers/s | steps/s | matmul floor ms/step | step / matmul floor "
@@ -116,3 +118,42 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 def _load(v: Sequence[float] | None) -> str:
     return "n/a" if not v else "/".join(f"{x:.1f}" for x in v)
+
+
+def _onnx_lines(onnx: dict[str, Any]) -> list[str]:
+    """The ONNX Runtime table: torch's fast sampler and each exported graph, ratios from the same run."""
+    keys = [k for k in onnx["rows"][0] if k.startswith("onnx_") and not k.endswith("_speedup")] if onnx["rows"] else []
+    graphs = onnx["graphs"]
+    sizes = ", ".join(f"{p} {g['file_mb']:.1f} MB / {g['nodes']:,} nodes" for p, g in graphs.items())
+    lines = [
+        f"ONNX Runtime {onnx['onnxruntime']} ({', '.join(onnx['providers'])}; {onnx['threads']} intra-op threads, as "
+        f"torch): the student's Flow II exported alone (flows.export.export_student_flow, opset 18; {sizes}; export "
+        f"{_fmt(onnx['export_seconds'])} s) and timed beside torch's FastIAFSampler, re-timed in the same stretch of "
+        "the run with the same protocol and chunks. fp16: the student's matrix weights stored in float16; int8: "
+        "int8 weights with a scale per 32 rows (ONNX Runtime's MatMulNBits); int8-dynamic: ONNX Runtime's dynamic "
+        "quantization. × = torch time / ONNX Runtime time (> 1: ONNX Runtime faster).",
+        "",
+        "| batch | torch FastIAFSampler ms/shower | " + " | ".join(f"{_label(k)} ms/shower | ×" for k in keys) + " |",
+        "|---:|---:|" + "---:|---:|" * len(keys),
+    ]
+    notes: list[str] = []
+    for row in onnx["rows"]:
+        b = row["batch"]
+        cells = [f"{_cell(row[k], b)} | {_fmt(row.get(f'{k}_speedup'))}" for k in keys]
+        lines.append(f"| {b:,} | {_cell(row['torch_fast'], b)} | " + " | ".join(cells) + " |")
+        notes += [f"† {k}: {row[k]['note']}." for k in ("torch_fast", *keys) if row[k]["note"]]
+    fid = onnx.get("fidelity", {})
+    if fid:
+        diffs = "; ".join(f"{_label(k)} max {_fmt(v['max_abs_diff_x'])}, median {_fmt(v['median_abs_diff_x'])}"
+                          for k, v in fid.items())
+        lines += ["", f"Difference from torch in the preprocessed space (|Δx|, first rows): {diffs}."]
+    lines.append("")
+    if notes:
+        lines += [*dict.fromkeys(notes), ""]
+    return lines
+
+
+def _label(key: str) -> str:
+    """``onnx_cpu_int8`` → ``onnxruntime CPU int8``."""
+    _, provider, precision = key.split("_", 2)
+    return f"onnxruntime {provider.upper()} {precision}"

@@ -10,7 +10,7 @@ from ..data.geometry import Geometry
 from ..metrics.timing import DEFAULT_TIMING_BATCHES
 from .leaderboard import published_results
 
-__all__ = ["evaluation_report", "fmt"]
+__all__ = ["evaluation_report", "fmt", "fmt_spread"]
 
 _LIKELIHOODS = (
     ("nll_teacher", "teacher NLL"),
@@ -19,10 +19,21 @@ _LIKELIHOODS = (
     ("kl_student_teacher", "KL(student ‖ teacher), student samples"),
 )
 
+_SAME_SUBSET = (
+    ("test_nll", "Flow I + Flow II"),
+    ("test_nll_flow2", "Flow II alone"),
+)
+
 
 def fmt(v: float | None, digits: int = 3) -> str:
     """``v`` with ``digits`` decimals; an en dash for a missing or non-finite value."""
     return "–" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def fmt_spread(metrics: dict[str, float], key: str, digits: int = 3) -> str:
+    """``metrics[key]``, followed by ``± metrics[key_std]`` when a spread over seeds was measured."""
+    std = metrics.get(f"{key}_std")
+    return fmt(metrics.get(key), digits) + (f" ± {fmt(std, digits)}" if std is not None and key in metrics else "")
 
 
 def evaluation_report(metrics: dict[str, float], details: dict[str, Any], geometry: Geometry, labels: list[str]) -> str:
@@ -40,7 +51,7 @@ def evaluation_report(metrics: dict[str, float], details: dict[str, Any], geomet
     """
     return "\n".join([
         *_header(metrics, geometry, labels),
-        *_classifier_section(metrics, geometry, labels),
+        *_classifier_section(metrics, details, geometry, labels),
         *_separation_section(metrics, details, labels),
         *_likelihood_section(metrics, details),
         *_timing_section(metrics, details),
@@ -64,18 +75,28 @@ def _header(metrics: dict[str, float], geo: Geometry, labels: list[str]) -> list
     ]
 
 
-def _classifier_section(metrics: dict[str, float], geo: Geometry, labels: list[str]) -> list[str]:
+def _classifier_section(metrics: dict[str, float], details: dict[str, Any], geo: Geometry,
+                        labels: list[str]) -> list[str]:
     m = metrics.get
     lines = ["", "## Classifier two-sample test (AUC; 0.5 = indistinguishable)", ""]
     if "n_classifier" in metrics:
         lines += [f"Each generated sample enters with {int(m('n_classifier', 0))} showers (the smallest sample's "
                   "size), so the AUCs compare.", ""]
+    seeds = details.get("classifier", {}).get("seeds", [])
+    if len(seeds) > 1:
+        lines += [(f"Mean ± standard deviation over {len(seeds)} classifier seeds "
+                   f"({', '.join(str(s) for s in seeds)})."), ""]
     lines += ["| sample | AUC low-level | AUC high-level | JSD low | JSD high |", "|---|---|---|---|---|"]
     for label in [*labels, "baseline"]:
         if f"auc_low_{label}" in metrics or f"auc_high_{label}" in metrics:
             name = "reference half vs half (baseline)" if label == "baseline" else label
-            lines.append(f"| {name} | {fmt(m(f'auc_low_{label}'))} | {fmt(m(f'auc_high_{label}'))} | "
-                         f"{fmt(m(f'jsd_low_{label}'))} | {fmt(m(f'jsd_high_{label}'))} |")
+            lines.append(f"| {name} | {fmt_spread(metrics, f'auc_low_{label}')} | "
+                         f"{fmt_spread(metrics, f'auc_high_{label}')} | {fmt(m(f'jsd_low_{label}'))} | "
+                         f"{fmt(m(f'jsd_high_{label}'))} |")
+    diffs = [f"{level}-level {fmt_spread(metrics, f'auc_{level}_student_minus_teacher')}" for level in ("low", "high")
+             if f"auc_{level}_student_minus_teacher" in metrics]
+    if diffs:
+        lines += ["", "Student AUC minus teacher AUC (same classifier seeds): " + ", ".join(diffs) + "."]
     caption, published = published_results(geo.name)
     if published:
         lines += ["", f"Published, {caption}:", "",
@@ -112,6 +133,14 @@ def _likelihood_section(metrics: dict[str, float], details: dict[str, Any]) -> l
             per_text = ", ".join(f"{edges[k]:.0f}–{edges[k + 1]:.0f} MeV: {fmt(v, 2)}" for k, v in enumerate(per)
                                  if v is not None and k + 1 < len(edges))
             lines.append(f"- {text}: **{fmt(metrics[key], 2)}**" + (f" (per energy bin: {per_text})" if per_text else ""))
+    if "test_nll_rel_diff" in metrics:
+        n = int(metrics.get("test_nll_showers", 0))
+        lines += ["", f"Exact NLL of both models on the same {n} reference showers (same preprocessing noise):", "",
+                  "| NLL | teacher | student | (student − teacher) / abs(teacher) |", "|---|---|---|---|"]
+        for key, text in _SAME_SUBSET:
+            if f"{key}_rel_diff" in metrics:
+                lines.append(f"| {text} | {fmt(metrics.get(f'{key}_teacher'), 2)} | {fmt(metrics.get(f'{key}_student'), 2)} | "
+                             f"{100 * metrics[f'{key}_rel_diff']:+.2f} % |")
     return lines
 
 

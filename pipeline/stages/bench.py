@@ -17,6 +17,8 @@ per shower at batch 1, 100 and 10 000; warm-up calls, several repeats, the media
   :func:`~calodistill.pipeline.metrics.throughput.matmul_floor_call`) at the same batch, unchunked and
   chunked as the sampler chunks; the faster one is the floor. FLOPs per shower count the dense shapes
   (masked zeros included), as the hardware executes them.
+- **ONNX Runtime** (section ``onnx``). The student exported alone and timed beside
+  :class:`flows.fast.FastIAFSampler` in float32, fp16 and int8 weights (:mod:`.bench_onnx`).
 - **Ingest.** :func:`calodistill.pipeline.data.ingest_bench.bench_ingest`: the Dask ingest of an HDF5 file
   against one plain ``pyarrow.parquet.write_table`` of the same arrays in one process.
 - **Training.** Optimiser steps of the teacher (maximum likelihood, :func:`flows.losses.nll_loss`) and
@@ -86,7 +88,7 @@ CALOFLOW_SIZES: dict[str, tuple[int, int]] = {
     "calochallenge-1-pions": (533, 500),
 }
 
-SECTIONS = ("sampling", "floor", "ingest", "training")
+SECTIONS = ("sampling", "floor", "ingest", "training", "onnx")
 
 #: Sizes that replace the defaults under ``preset``: "quickstart" is dags/quickstart.yaml's teacher and
 #: student (CaloGAN, 4 spline blocks of hidden 64) with its training batches (teacher 256, distillation 32).
@@ -396,7 +398,8 @@ def run_bench(geometry: str | None = DEFAULT_GEOMETRY, device: str | None = None
             :data:`CALOFLOW_SIZES`, else D and 2·D; 8 blocks).
         features, context_features: D and the context size without a geometry (context defaults to
             1 + layers with a geometry).
-        sections: any of "sampling", "floor", "ingest", "training".
+        sections: any of "sampling", "floor", "ingest", "training", "onnx" (the student exported and run
+            by ONNX Runtime beside torch: :mod:`.bench_onnx`).
         ingest_n, ingest_geometry, ingest_scheduler: showers, geometry and Dask scheduler of the ingest
             benchmark (``None`` scheduler: a LocalCluster; "threads": in-process).
         train_steps, teacher_train_batch, student_train_batch: optimiser steps timed and their batches
@@ -494,6 +497,10 @@ def run_bench(geometry: str | None = DEFAULT_GEOMETRY, device: str | None = None
         if "sampling" in sections or "floor" in sections:
             result["sampling"] = _sampling_section(teacher, student, dev, batches, budget_s, repeats, warmup,
                                                    chunk_size, "floor" in sections, seed)
+        if "onnx" in sections:
+            from .bench_onnx import onnx_section
+
+            result["onnx"] = onnx_section(student, dev, batches, budget_s, repeats, warmup, chunk_size, seed)
         if "training" in sections:
             result["training"] = _training_section(teacher, student, dev, train_steps, teacher_train_batch,
                                                    student_train_batch, seed)
@@ -539,4 +546,8 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
         for k in ("ingest_showers_per_s", "ingest_mb_per_s", "baseline_showers_per_s", "baseline_mb_per_s", "ratio"):
             if k in ig:
                 m[f"ingest_{k}" if not k.startswith("ingest") else k] = float(ig[k])
+    if result.get("onnx"):
+        from .bench_onnx import onnx_metrics
+
+        m.update(onnx_metrics(result["onnx"]))
     return m

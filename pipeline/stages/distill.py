@@ -64,7 +64,8 @@ class DistillStageConfig:
             starts from the teacher's weights (:func:`flows.distillation.init_student_from_teacher`).
         train: optimisation (cosine schedule by default).
         distill: β, fully guided, KL estimate.
-        nll_subset: test showers on which the student's exact (D-pass) NLL is computed.
+        nll_subset: test showers on which the student's and the teacher's exact NLL are computed (the
+            student's solved voxel by voxel, :mod:`flows.student_density`); 0: the whole test split.
         nll_batch_size: batch size of that computation.
         eval_batch_size: batch size of one-pass evaluations.
         check_samples: showers sampled by the student (one pass) to compare with the teacher.
@@ -190,8 +191,10 @@ def distill_student(
         overwrite: start over in an existing student directory instead of resuming.
 
     Returns:
-        Metrics: ``test_nll`` (student, exact, on ``nll_subset`` test showers), ``teacher_test_nll``
-        (teacher, whole test split), ``teacher_test_nll_subset`` (same subset), ``test_nll_rel_diff``,
+        Metrics: ``test_nll`` (student, exact, on the first ``nll_subset`` test showers) and
+        ``teacher_test_nll`` (teacher, the same showers; also as ``teacher_test_nll_subset``),
+        ``test_nll_rel_diff`` = (student − teacher) / |teacher| on them, ``teacher_test_nll_all`` (teacher,
+        whole test split), ``student_nll_time_s``,
         ``student_sample_nll`` (−log q of its own samples), ``teacher_nll_of_student_samples``,
         ``kl_student_teacher``, ``paired_rms`` / ``paired_max`` (student given the teacher's z vs data),
         ``warm_started`` (1 when the student started from the teacher's weights, also when it is wider
@@ -284,7 +287,7 @@ def distill_student(
     t_nll = time.perf_counter()
     s_nll = student_nll(student, te["x2"], te["c2"], n_sub, cfg.nll_batch_size, dev, progress=cfg.progress)
     metrics["student_nll_time_s"] = time.perf_counter() - t_nll
-    teacher_nll = evaluate_nll(teacher, te["x2"], te["c2"], cfg.eval_batch_size, dev)
+    teacher_nll_all = evaluate_nll(teacher, te["x2"], te["c2"], cfg.eval_batch_size, dev)
     teacher_nll_sub = evaluate_nll(teacher, te["x2"][:n_sub], te["c2"][:n_sub], cfg.eval_batch_size, dev)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 20)
@@ -294,9 +297,10 @@ def distill_student(
     metrics.update(
         test_nll=s_nll,
         test_nll_per_dim=s_nll / n_voxels,
-        teacher_test_nll=teacher_nll,
-        teacher_test_nll_per_dim=teacher_nll / n_voxels,
+        teacher_test_nll=teacher_nll_sub,
+        teacher_test_nll_per_dim=teacher_nll_sub / n_voxels,
         teacher_test_nll_subset=teacher_nll_sub,
+        teacher_test_nll_all=teacher_nll_all,
         test_nll_rel_diff=(s_nll - teacher_nll_sub) / abs(teacher_nll_sub) if teacher_nll_sub else float("nan"),
         nll_subset=float(n_sub),
         student_sample_nll=own_nll,

@@ -208,9 +208,11 @@ def _separation_metrics(obs_ref: Observables, obs: dict[str, Observables], halve
 
 
 def _classifier_metrics(ref: Showers, samples: dict[str, Showers], obs_ref: Observables, obs: dict[str, Observables],
-                        halves: tuple[np.ndarray, np.ndarray], config: ClassifierConfig, equal_sizes: bool, seed: int,
-                        metrics: dict[str, float]) -> dict[str, Any]:
-    """Classifier two-sample tests (low- and high-level) of every sample and of the reference baseline."""
+                        halves: tuple[np.ndarray, np.ndarray], config: ClassifierConfig, equal_sizes: bool,
+                        seeds: list[int], metrics: dict[str, float], subset_seed: int) -> dict[str, Any]:
+    """Classifier two-sample tests (low- and high-level) of every sample and of the reference baseline,
+    once per classifier seed (the mean under the plain names; with several seeds also ``_std`` and
+    ``_seed<s>``)."""
     half_a, half_b = halves
     feats_ref = {"low": low_level_features(ref), "high": high_level_features(ref, obs_ref)}
     jobs: list[tuple[str, Any, Any]] = []
@@ -218,32 +220,55 @@ def _classifier_metrics(ref: Showers, samples: dict[str, Showers], obs_ref: Obse
     for label, s in samples.items():
         feats = {"low": low_level_features(s), "high": high_level_features(s, obs[label])}
         if n_cls is not None and len(s) > n_cls:
-            keep = np.sort(np.random.default_rng(seed + 2).choice(len(s), n_cls, replace=False))
+            keep = np.sort(np.random.default_rng(subset_seed + 2).choice(len(s), n_cls, replace=False))
             feats = {k: v[keep] for k, v in feats.items()}
         jobs.append((label, feats, feats_ref))
     if n_cls is not None:
         metrics["n_classifier"] = float(n_cls)
     if len(ref) >= 20:
         jobs.append(("baseline", {k: v[half_a] for k, v in feats_ref.items()}, {k: v[half_b] for k, v in feats_ref.items()}))
-    details: dict[str, Any] = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()}}
+    details: dict[str, Any] = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()},
+                               "seeds": list(seeds)}
+    aucs: dict[str, list[float]] = {}
     for label, gen_f, ref_f in jobs:
         for level in ("low", "high"):
             if min(len(gen_f[level]), len(ref_f[level])) < 10:
                 logger.warning("classifier %s/%s: fewer than 10 showers per class; skipped", label, level)
                 continue
             t0 = time.perf_counter()
-            res = classifier_two_sample_test(gen_f[level], ref_f[level], config, seed=seed)
-            metrics[f"auc_{level}_{label}"] = res.auc
-            metrics[f"jsd_{level}_{label}"] = res.jsd
-            details[f"{level}_{label}"] = {
-                "auc": res.auc, "jsd": res.jsd, "accuracy": res.accuracy, "epochs": res.epochs,
-                "best_epoch": res.best_epoch, "n_train": res.n_train, "n_val": res.n_val, "n_test": res.n_test,
+            runs = [classifier_two_sample_test(gen_f[level], ref_f[level], config, seed=s) for s in seeds]
+            key = f"{level}_{label}"
+            aucs[key] = [r.auc for r in runs]
+            _seed_stats(metrics, f"auc_{key}", aucs[key], seeds)
+            _seed_stats(metrics, f"jsd_{key}", [r.jsd for r in runs], seeds, per_seed=False)
+            first = runs[0]
+            details[key] = {
+                "auc": metrics[f"auc_{key}"], "auc_std": float(np.std(aucs[key])), "jsd": metrics[f"jsd_{key}"],
+                "n_train": first.n_train, "n_val": first.n_val, "n_test": first.n_test,
+                "runs": [{"seed": s, "auc": r.auc, "jsd": r.jsd, "accuracy": r.accuracy, "epochs": r.epochs,
+                          "best_epoch": r.best_epoch} for s, r in zip(seeds, runs)],
             }
-            logger.info("classifier %-9s %s-level: AUC %.3f (%d epochs, %.1f s)", label, level, res.auc,
-                        res.epochs, time.perf_counter() - t0)
+            logger.info("classifier %-9s %s-level: AUC %.3f ± %.3f over %d seed(s) (%.1f s)", label, level,
+                        metrics[f"auc_{key}"], float(np.std(aucs[key])), len(seeds), time.perf_counter() - t0)
+    for level in ("low", "high"):  # the student's excess over the teacher, per seed (same classifier seeds)
+        if f"{level}_student" in aucs and f"{level}_teacher" in aucs:
+            diffs = [s - t for s, t in zip(aucs[f"{level}_student"], aucs[f"{level}_teacher"])]
+            _seed_stats(metrics, f"auc_{level}_student_minus_teacher", diffs, seeds, per_seed=False)
     if "auc_low_baseline" in metrics:
         metrics["auc_baseline"] = metrics["auc_low_baseline"]
     return details
+
+
+def _seed_stats(metrics: dict[str, float], name: str, values: list[float], seeds: list[int],
+                per_seed: bool = True) -> None:
+    """``name`` = the mean over seeds; with several seeds also ``name_std`` (population standard deviation)
+    and, with ``per_seed``, ``name_seed<s>``."""
+    metrics[name] = float(np.mean(values))
+    if len(values) > 1:
+        metrics[f"{name}_std"] = float(np.std(values))
+        if per_seed:
+            for s, v in zip(seeds, values):
+                metrics[f"{name}_seed{s}"] = float(v)
 
 
 def _draw_plots(pdir: Path, ref: Showers, samples: dict[str, Showers], obs_ref: Observables,
@@ -278,7 +303,7 @@ def evaluate_showers(
     n_energy_bins: int = 5,
     max_showers: int | None = 50_000,
     likelihood_max_showers: int = 5000,
-    student_nll_max_showers: int = 200,
+    student_nll_max_showers: int = 1000,
     kl_samples: int = 2000,
     timing_batch_sizes: tuple[int, ...] | None = DEFAULT_TIMING_BATCHES,
     timing_max_seconds: float = 60.0,
@@ -290,6 +315,7 @@ def evaluate_showers(
     plots: bool = True,
     observable_plots: bool = True,
     classifier_equal_sizes: bool = True,
+    classifier_seeds: list[int] | tuple[int, ...] | None = None,
 ) -> dict[str, float]:
     """Evaluate generated showers against a reference; write metrics.json, details.json, plots/, report.md.
 
@@ -307,7 +333,8 @@ def evaluate_showers(
         n_energy_bins: incident-energy bins of the likelihood metrics.
         max_showers: cap on the reference and on every generated sample (seeded subsets).
         likelihood_max_showers: teacher NLL on at most this many reference showers.
-        student_nll_max_showers: student exact NLL on at most this many (D sequential passes each batch).
+        student_nll_max_showers: both models' exact NLL on the same this many showers (the student's solved
+            voxel by voxel: about 2 000 showers/s at quickstart size on 2 CPU cores).
         kl_samples: student samples of the KL(student ‖ teacher) estimate.
         timing_batch_sizes: batch sizes of the timing; None or () skips it.
         timing_max_seconds: budget of one timing call (larger batches are skipped).
@@ -322,6 +349,9 @@ def evaluate_showers(
         classifier_equal_sizes: every generated sample enters the classifier tests with the same number
             of showers (the smallest sample's, a seeded subset; ``n_classifier``): a classifier trained on
             more showers finds more differences, so AUCs of samples of different sizes do not compare.
+        classifier_seeds: run every classifier test once per seed (each seeds the classifier's subsample,
+            split, initialisation and shuffling); None runs it once with ``seed``. Several seeds give the
+            spread of the AUCs.
 
     Returns:
         The flat metrics also written to ``metrics.json`` (``<label>`` is a generated sample's label):
@@ -330,17 +360,27 @@ def evaluate_showers(
           low-level (``[log10 E_inc, voxels / E_inc]``) and high-level input (the observables);
           ``auc_low_baseline``, ``auc_high_baseline`` (``auc_baseline`` = the low-level one): one half of
           the reference against the other, what "indistinguishable" looks like at this sample size;
+          with several ``classifier_seeds`` these are means over the seeds, with ``auc_..._std`` (population
+          standard deviation), ``auc_..._seed<s>``, ``jsd_..._std``, and with a teacher and a student
+          ``auc_low_student_minus_teacher`` (mean per-seed difference) and its ``_std``;
         - ``sep_max_<label>``, ``sep_mean_<label>``, ``sep_<observable>_<label>``, ``sep_max_baseline``:
           separation powers (:mod:`pipeline.metrics.observables`);
         - with ``teacher_dir``/``student_dir``: the likelihoods of
-          :func:`pipeline.metrics.likelihoods.model_likelihoods` and ``time_ms_per_shower_<model>_b<batch>``;
+          :func:`pipeline.metrics.likelihoods.model_likelihoods` (with both: ``test_nll_teacher``,
+          ``test_nll_student``, ``test_nll_rel_diff`` on the same ``student_nll_max_showers`` showers) and
+          ``time_ms_per_shower_<model>_b<batch>``;
         - ``calochallenge_layout_ok_<label>``: 1 when a generated CaloChallenge HDF5 file passed
-          :func:`check_calochallenge_layout`.
+          :func:`check_calochallenge_layout`;
+        - ``evaluate_seconds`` and, of the parts that ran, ``classifier_seconds``, ``likelihood_seconds``,
+          ``timing_seconds``, ``plots_seconds``.
     """
     out_dir = Path(out_dir)
     cls_config = classifier if isinstance(classifier, ClassifierConfig) else ClassifierConfig.from_dict(classifier)
     if device is not None and cls_config.device is None:
         cls_config = ClassifierConfig(**{**cls_config.__dict__, "device": device})
+    seeds = [seed] if classifier_seeds is None else [int(s) for s in classifier_seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise CalodistillError(f"classifier_seeds: distinct seeds expected, got {list(classifier_seeds or [])}")
     t_start = time.perf_counter()
 
     ref = reference if isinstance(reference, Showers) else load_reference(reference, geometry, max_showers, seed)
@@ -377,30 +417,38 @@ def evaluate_showers(
     seps = _separation_metrics(obs_ref, obs, halves, bins, metrics)
     details["separation_power"] = seps
     if run_classifier:
+        t0 = time.perf_counter()
         details["classifier"] = _classifier_metrics(ref, samples, obs_ref, obs, halves, cls_config,
-                                                    classifier_equal_sizes, seed, metrics)
+                                                    classifier_equal_sizes, seeds, metrics, seed)
+        metrics["classifier_seconds"] = time.perf_counter() - t0
 
     edges = energy_bin_edges(ref.incident_energy, n_energy_bins)
     details["energy_bin_edges_mev"] = [float(e) for e in edges]
     per_bin: dict[str, list[float]] = {}
     if models:
+        t0 = time.perf_counter()
         lik, per_bin = model_likelihoods(
             ref, models.get("teacher"), models.get("student"), edges, likelihood_max_showers,
             student_nll_max_showers, kl_samples, str(dev), seed,
         )
         metrics.update(lik)
+        metrics["likelihood_seconds"] = time.perf_counter() - t0
         details["per_energy_bin"] = per_bin
         if timing_batch_sizes:
+            t0 = time.perf_counter()
             details["timing_device"] = str(dev)
             for name, gen in models.items():
                 for bs, ms in time_per_shower(gen, ref.incident_energy, tuple(timing_batch_sizes), str(dev),
                                               timing_max_seconds, seed).items():
                     metrics[f"time_ms_per_shower_{name}_b{bs}"] = ms
+            metrics["timing_seconds"] = time.perf_counter() - t0
 
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed evaluation leaves no empty directory
     if plots:
+        t0 = time.perf_counter()
         _draw_plots(out_dir / "plots", ref, samples, obs_ref, obs, seps, edges, per_bin,
                     details.get("history", {}), observable_plots)
+        metrics["plots_seconds"] = time.perf_counter() - t0
 
     metrics["evaluate_seconds"] = time.perf_counter() - t_start
     metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}

@@ -238,6 +238,8 @@ def generate_showers_file(
     tracking_uri: str | None = None,
     overwrite: bool = False,
     allow_extrapolation: bool = False,
+    engine: str = "torch",
+    onnx: str | Path | None = None,
 ) -> dict[str, Any]:
     """Generate ``n`` showers at incident energies drawn from ``energies`` into ``out``.
 
@@ -257,10 +259,15 @@ def generate_showers_file(
         overwrite: replace an existing ``out`` (else refused).
         allow_extrapolation: generate at energies outside the model's training range, with a warning
             (else refused: :func:`check_energy_range`).
+        engine: ``torch``, or ``onnx``: sample through ONNX Runtime on the noise the torch path draws on the
+            CPU for the same seed (:class:`~calodistill.pipeline.stages.export.OnnxEngine`; a student only,
+            in this process).
+        onnx: with ``engine="onnx"``, a sampler written by ``calodistill export`` from this model (None:
+            export one for this call).
 
     Returns:
         ``{"out", "n", "geometry", "model_kind", "sample_seconds", "sample_ms_per_shower", "write_seconds",
-        "n_shards", "n_sampled", "device"}``: ``sample_ms_per_shower`` is the sampling time of the
+        "n_shards", "n_sampled", "device", "engine"}``: ``sample_ms_per_shower`` is the sampling time of the
         ``n_sampled`` showers sampled in this call (shards reused from an interrupted call are not timed;
         NaN when every shard was reused).
 
@@ -276,6 +283,12 @@ def generate_showers_file(
     if batch_size <= 0 or shard_size <= 0:
         raise CalodistillError(f"--batch-size/--shard-size: must be positive, got {batch_size}/{shard_size}")
     spec = parse_energy_spec(energies)
+    if engine not in ("torch", "onnx"):
+        raise CalodistillError(f"--engine: unknown {engine!r} (use torch or onnx)")
+    if engine != "onnx" and onnx is not None:
+        raise CalodistillError("--onnx: only with --engine onnx")
+    if engine == "onnx" and scheduler:
+        raise CalodistillError("--engine onnx: samples in this process; leave out --scheduler")
     _check_output(out, overwrite)
     with removing_created_parents(out), tempfile.TemporaryDirectory(prefix="calodistill-gen-") as tmp:
         bundle = ModelBundle.open(model, tracking_uri=tracking_uri, cache_dir=Path(tmp))
@@ -285,6 +298,10 @@ def generate_showers_file(
         particle = bundle.particle
         dev = str(resolve_device(device))
         bundle.generator("cpu" if scheduler else dev)  # loads and checks the flows before anything is written
+        if engine == "onnx":  # the torch path's showers on the CPU, through ONNX Runtime
+            from .export import OnnxEngine
+
+            bundle = OnnxEngine(bundle, onnx, Path(tmp))  # type: ignore[assignment]
         e_inc = spec.sample(int(n), seed=seed)
         n_shards = max(1, math.ceil(n / shard_size))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -304,7 +321,7 @@ def generate_showers_file(
             # everything a shard's showers depend on: a resumed call with another set-up starts over
             manifest = {"model": str(model), "model_hash": bundle.digest, "n": int(n), "energies": energies,
                         "seed": seed, "shard_size": shard_size, "batch_size": batch_size, "device": dev,
-                        "scheduler": bool(scheduler)}
+                        "scheduler": bool(scheduler), **({"engine": engine} if engine != "torch" else {})}
             sample_s, write_s, n_sampled = _generate_sharded(
                 bundle, e_inc, out, batch_size, dev, scheduler, seed, shard_size, parts_dir, progress,
                 geometry, particle, manifest=manifest,
@@ -314,7 +331,7 @@ def generate_showers_file(
                 n, kind, time.perf_counter() - t_start, ms, n_sampled, out)
     return {"out": str(out), "n": int(n), "geometry": geometry.name, "model_kind": kind,
             "sample_seconds": sample_s, "sample_ms_per_shower": ms, "write_seconds": write_s,
-            "n_shards": n_shards, "n_sampled": n_sampled, "device": dev}
+            "n_shards": n_shards, "n_sampled": n_sampled, "device": dev, "engine": engine}
 
 
 def _generate_sharded(bundle: ModelBundle, e_inc: np.ndarray, out: Path, batch_size: int, device: str,
@@ -378,6 +395,14 @@ def _sample_shards(bundle: ModelBundle, e_inc: np.ndarray, out: Path, parts: Pat
             continue  # written atomically by an earlier, interrupted call
         jobs.append((e_inc[start:start + shard_size], batch_size, device, seed + i, str(part),
                      geometry, particle, start))
+    client = None
+    if scheduler and jobs:  # connect first: an unreachable scheduler is the only line the user sees
+        from distributed import Client
+
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as exc:
+            raise CalodistillError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(exc).split())})") from None
     n_shards = math.ceil(n / shard_size)
     logger.info("%d shards of %d showers (%d already written) in %s", n_shards, shard_size,
                 n_shards - len(jobs), parts)
@@ -385,13 +410,9 @@ def _sample_shards(bundle: ModelBundle, e_inc: np.ndarray, out: Path, parts: Pat
     n_sampled = sum(len(job[0]) for job in jobs)
     with tqdm(total=n_shards, initial=n_shards - len(jobs), unit="shard", desc=f"generate {out.name}",
               disable=None if progress else True) as bar:
-        if scheduler and jobs:
-            from distributed import Client, as_completed
+        if client is not None:
+            from distributed import as_completed
 
-            try:
-                client = Client(scheduler, timeout="30s")
-            except OSError as exc:
-                raise CalodistillError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(exc).split())})") from None
             with client:
                 futures = [client.submit(_generate_shard, str(bundle.path), bundle.kind, *job, pure=False)
                            for job in jobs]

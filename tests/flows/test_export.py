@@ -116,12 +116,13 @@ def test_bin_search_equals_searchsorted_on_knots_and_beyond_the_tails() -> None:
         assert torch.equal(spline_bin_index(knots, xc), want)
 
 
+@pytest.mark.parametrize("min_bin_height", [1e-3, 2e-2])  # equal to the width's, or not
 @pytest.mark.parametrize("inverse", [True, False])
-def test_exportable_spline_equals_the_models_spline(inverse: bool) -> None:
+def test_exportable_spline_equals_the_models_spline(inverse: bool, min_bin_height: float) -> None:
     uw, uh, ud = _spline_params(50, 4, 6)
     x = torch.randn(50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 2
     x[0, 0], x[1, 1], x[2, 2] = 3.0, -3.0, 2.5  # outside, outside, on the bound
-    kw = {"tail_bound": 2.5, "min_bin_width": 1e-3, "min_bin_height": 1e-3, "min_derivative": 1e-3}
+    kw = {"tail_bound": 2.5, "min_bin_width": 1e-3, "min_bin_height": min_bin_height, "min_derivative": 1e-3}
     want, want_lad = rq_spline_linear_tails(x, uw, uh, ud, inverse=inverse, **kw)
     got, got_lad = rqs_spline(x, uw, uh, ud, inverse, **kw)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
@@ -270,3 +271,56 @@ def test_unwritable_output_fails_before_exporting(generators: tuple[ShowerGenera
     with pytest.raises(FlowsError, match="metadata: keys and values must be strings"):
         export_sampler(generators[0], tmp_path / "s.onnx", metadata={"n": 3})  # type: ignore[dict-item]
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+# -- the student's Flow II alone (the benchmark's graph) and reduced precisions ------------------------------
+
+def test_student_flow_graph_equals_the_iaf(generators: tuple[ShowerGenerator, ShowerGenerator],
+                                           tmp_path: Path) -> None:
+    from calodistill.flows.export import export_student_flow, onnx_session
+
+    student = generators[0].flow2
+    path = export_student_flow(student, tmp_path / "flow2.onnx", groups=3)
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(9, D, generator=gen)
+    c = torch.randn(9, 1 + L, generator=gen)
+    with torch.no_grad():
+        want = student.inverse(z, c)[0].numpy()
+    session = onnx_session(path, ["CPUExecutionProvider"], threads=1)
+    got = session.run(["x"], {"noise": z.numpy(), "context": c.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FlowsError, match="expected an IAF"):
+        export_student_flow(generators[1].flow2, tmp_path / "teacher.onnx")
+
+
+def test_reduced_precision_converts_only_the_students_products(sampler_file: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from calodistill.flows.onnx_precision import convert_precision, weight_products
+
+    fp32 = onnx.load(str(sampler_file))
+    products = weight_products(fp32)
+    assert products and all(n.input[1].startswith("student.") for n in products)
+    half = onnx.load(str(convert_precision(sampler_file, tmp_path / "fp16.onnx", "fp16")))
+    halves = {i.name for i in half.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    assert halves == {f"{n.input[1]}.fp16" for n in products}
+    q = onnx.load(str(convert_precision(sampler_file, tmp_path / "int8.onnx", "int8")))
+    blocks = [n for n in q.graph.node if n.op_type == "MatMulNBits"]  # weight-only, a scale per 32 rows
+    qd = onnx.load(str(convert_precision(sampler_file, tmp_path / "int8-dynamic.onnx", "int8-dynamic")))
+    dynamic = [n for n in qd.graph.node if n.op_type == "MatMulInteger"]
+    for quantized in (blocks, dynamic):
+        assert len(quantized) == len(products)
+        assert all(n.input[1].startswith("student.") for n in quantized)  # Flow I stays float32
+    for model in (half, q, qd):
+        props = {p.key: p.value for p in model.metadata_props}
+        assert props["geometry"] == "tiny" and props["precision"] in ("fp16", "int8", "int8-dynamic")
+        assert [i.name for i in model.graph.input] == ["incident_energy", "noise"]
+        assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in model.graph.input)
+    e, z = _inputs(20, 9)
+    want = sample_from_noise(make_generators()[0], e, z)
+    for name in ("fp16", "int8", "int8-dynamic"):
+        got = OnnxSampler(tmp_path / f"{name}.onnx", threads=1).sample(e, z)
+        assert got.shape == want.shape and np.isfinite(got).all()
+    with pytest.raises(FlowsError, match="no matrix products with weights named nothing"):
+        convert_precision(sampler_file, tmp_path / "none.onnx", "fp16", scope="nothing.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp16.onnx", "int8-dynamic.onnx", "int8.onnx"]

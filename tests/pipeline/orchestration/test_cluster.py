@@ -116,6 +116,22 @@ def test_cluster_file_wins_over_the_dag_and_scheduler_excludes_it(tmp_path: Path
     assert not log.exists()
 
 
+def test_local_cluster_scratch_space_is_private_and_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DAG's LocalCluster keeps its scratch space in its own directory, not in the shared
+    ``$TMPDIR/dask-scratch-space`` Dask leaves behind; nothing is left in TMPDIR once it closes."""
+    import tempfile
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    dag = load_dag(fake_dag(tmp_path, tmp_path / "calls.log"))
+    with cluster_mod.dask_client(dag) as (client, _):
+        assert client.submit(sum, [1, 2]).result() == 3
+        inside = [p.name for p in tmpdir.iterdir()]
+    assert len(inside) == 1 and inside[0].startswith("calodistill-dask-")
+    assert list(tmpdir.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------- batch job scripts
 
 

@@ -24,6 +24,10 @@ def test_student_width_decides_the_warm_start(tiny_teacher: Path, tiny_dataset: 
                               {**TINY, "student.hidden_features": hidden}, device="cpu")
     assert metrics["warm_started"] == warm
     assert metrics["student_parameters"] != metrics["teacher_parameters"] or hidden == 0
+    # both models' exact test NLL on the same nll_subset showers
+    assert metrics["nll_subset"] == 4 and metrics["teacher_test_nll"] == metrics["teacher_test_nll_subset"]
+    rel = (metrics["test_nll"] - metrics["teacher_test_nll"]) / abs(metrics["teacher_test_nll"])
+    assert metrics["test_nll_rel_diff"] == pytest.approx(rel) and metrics["teacher_test_nll_all"] < float("inf")
 
 
 def test_distill_defaults_use_the_noise_side_x_pass() -> None:

@@ -85,6 +85,29 @@ def test_classifier_gets_equal_sample_sizes(calogan_files: dict[str, Path], tmp_
     assert sum(details["high_good"][k] for k in ("n_train", "n_val", "n_test")) > sizes["small"]
 
 
+def test_classifier_seeds_report_mean_spread_and_each_value(calogan_files: dict[str, Path], tmp_path: Path) -> None:
+    """With several classifier seeds the plain names hold the mean; the spread and each value are kept."""
+    gen = {"teacher": calogan_files["good"], "student": calogan_files["bad"]}
+    kwargs = dict(classifier=FAST, seed=0, bins=20, plots=False, timing_batch_sizes=())
+    one = evaluate_showers(calogan_files["reference"], gen, tmp_path / "one", run_classifier=True, **kwargs)
+    metrics = evaluate_showers(calogan_files["reference"], gen, tmp_path / "two", classifier_seeds=[0, 5], **kwargs)
+    assert "auc_low_student_std" not in one and "auc_low_student_seed0" not in one
+    for key in ("auc_low_student", "auc_high_teacher", "auc_low_baseline"):
+        values = [metrics[f"{key}_seed0"], metrics[f"{key}_seed5"]]
+        assert metrics[key] == pytest.approx(np.mean(values)) and metrics[f"{key}_std"] == pytest.approx(np.std(values))
+        assert metrics[f"{key}_seed0"] == one[key]  # seed 0 is the single-seed run (the evaluation's seed)
+    assert metrics["auc_low_student_minus_teacher"] == pytest.approx(metrics["auc_low_student"] - metrics["auc_low_teacher"])
+    assert "auc_high_student_minus_teacher_std" in metrics and "jsd_low_student_std" in metrics
+    details = json.loads((tmp_path / "two" / "details.json").read_text())["classifier"]
+    assert details["seeds"] == [0, 5] and [r["seed"] for r in details["low_student"]["runs"]] == [0, 5]
+    report = (tmp_path / "two" / "report.md").read_text()
+    assert "over 2 classifier seeds (0, 5)" in report
+    assert f"| student | {metrics['auc_low_student']:.3f} ± {metrics['auc_low_student_std']:.3f} |" in report
+    assert "Student AUC minus teacher AUC" in report
+    with pytest.raises(CalodistillError, match="classifier_seeds"):
+        evaluate_showers(calogan_files["reference"], gen, tmp_path / "bad", classifier_seeds=[1, 1], **kwargs)
+
+
 def test_cli_evaluate_and_bad_input(calogan_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cli"
     rc = main(["evaluate", "--reference", str(calogan_files["reference"]), "--generated",
@@ -222,8 +245,16 @@ def test_model_metrics_with_tiny_untrained_flows(tmp_path: Path) -> None:
                 "time_ms_per_shower_student_b10", "sep_max_teacher", "sep_max_student", "n_teacher"):
         assert key in metrics and np.isfinite(metrics[key]), key
     assert metrics["n_teacher"] == 40
+    # both models' exact NLL on the same 8 showers, readable from the metrics
+    assert metrics["test_nll_showers"] == 8
+    assert metrics["test_nll_teacher"] == pytest.approx(metrics["nll_teacher_subset"])
+    assert metrics["test_nll_student"] == pytest.approx(metrics["nll_student_subset"])
+    rel = (metrics["test_nll_student"] - metrics["test_nll_teacher"]) / abs(metrics["test_nll_teacher"])
+    assert metrics["test_nll_rel_diff"] == pytest.approx(rel)
+    assert np.isfinite(metrics["test_nll_flow2_rel_diff"]) and metrics["likelihood_seconds"] > 0
     plots = {p.name for p in (tmp_path / "eval" / "plots").rglob("*.png")}
     assert {"nll_per_energy_bin.png", "kl_per_energy_bin.png", "average_showers.png", "training_teacher.png",
             "training_teacher_flow1.png", "training_student.png"} <= plots
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "KL(student" in report and "| student |" in report
+    assert "Exact NLL of both models on the same 8 reference showers" in report and "| Flow II alone |" in report

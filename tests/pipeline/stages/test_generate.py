@@ -272,3 +272,23 @@ def test_output_under_a_regular_file_is_one_line(student_dir: Path, tmp_path: Pa
         generate_showers_file(str(student_dir), 5, "50GeV", blocker / "sub" / "out.h5", device="cpu")
     with pytest.raises(CalodistillError, match="is a directory, not a file"):
         generate_showers_file(str(student_dir), 5, "50GeV", tmp_path, device="cpu")
+
+
+def test_unreachable_scheduler_is_the_only_message(student_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """No "N shards" INFO line before the error: the connection is made before anything is announced."""
+    import logging
+
+    import distributed
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("Timed out trying to connect to tcp://127.0.0.1:9 after 30 s")
+
+    monkeypatch.setattr(distributed, "Client", refuse)
+    caplog.set_level(logging.INFO, logger="calodistill")
+    out = tmp_path / "x.h5"
+    with pytest.raises(CalodistillError, match=r"--scheduler tcp://127.0.0.1:9: cannot connect"):
+        generate_showers_file(str(student_dir), 3, "50GeV", out, device="cpu", shard_size=2,
+                              scheduler="tcp://127.0.0.1:9")
+    assert not [r for r in caplog.records if r.name.startswith("calodistill") and r.levelno >= logging.INFO]
+    assert sorted(os.listdir(tmp_path)) == []
