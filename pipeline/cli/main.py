@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import NoReturn
 
@@ -82,6 +83,10 @@ def os_error_message(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``calodistill`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # OpenMP threads that spin while they wait collapse torch 10-20x when another process shares the
+    # cores (docs/benchmarks.md); as in the Dask workers, they sleep instead. Read when torch loads, so
+    # it is set before any command module is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = _build_parser(selected if selected in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
