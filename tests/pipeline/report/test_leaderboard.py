@@ -20,7 +20,9 @@ def test_published_numbers() -> None:
 
 def test_results_dir_finds_the_shared_leaderboard(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CALODISTILL_RESULTS_DIR", raising=False)
-    assert results_dir() == shared_dir.resolve() / "data" / "real" / "calochallenge-results"
+    found = results_dir()
+    assert found is not None
+    assert found.resolve() == (shared_dir / "data" / "real" / "calochallenge-results").resolve()
     caption, rows = published_results("calochallenge-2")  # read from the file: no built-in numbers for ds2
     assert "dataset 2" in caption and "GEANT4" in rows
 
