@@ -36,6 +36,7 @@ from .config import TrainConfig
 from .device import resolve_device
 from .errors import FlowsError, NonFiniteLossError
 from .losses import nll_loss
+from .optim import make_adam
 from .serialization import atomic_torch_save
 
 __all__ = [
@@ -206,7 +207,7 @@ def fit(
         last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
 
     model.to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_adam(model, config)
     n_train = len(train_tensors[0])
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     scheduler = _make_scheduler(optimizer, config, steps_per_epoch)

@@ -154,7 +154,9 @@ class MaskedLinear(nflows_made.MaskedLinear):
     The cache is used while gradients are disabled (``torch.no_grad``/``torch.inference_mode``) or the
     weight does not require them (a frozen teacher, which distillation differentiates through), and is
     rebuilt whenever the weight or mask changes (tracked by their version counters, which optimiser
-    steps and ``load_state_dict`` bump), or the device, dtype or inference mode changes. Training
+    steps and ``load_state_dict`` bump), or the device, dtype or inference mode changes. PyTorch's fused
+    optimisers write the weights without bumping the counter: call :meth:`clear_cache` after their
+    steps (:func:`flows.optim.make_adam` registers that hook). Training
     (gradients on, weight trainable) always recomputes the product, as nflows does.
 
     Args:

@@ -19,6 +19,9 @@ SCENARIOS: dict[str, list[tuple[int, dict[str, str]]]] = {
     "1x1": [(1, {})], "1x2": [(2, {})], "2x1": [(1, {})] * 2, "2x2": [(2, {})] * 2,
     "1x2passive": [(2, {"OMP_WAIT_POLICY": "PASSIVE"})], "2x2passive": [(2, {"OMP_WAIT_POLICY": "PASSIVE"})] * 2,
     "1x2spin1k": [(2, {"GOMP_SPINCOUNT": "1000"})], "1x2spin10k": [(2, {"GOMP_SPINCOUNT": "10000"})],
+    "1x2spin100k": [(2, {"GOMP_SPINCOUNT": "100000"})],
+    "2x2spin1k": [(2, {"GOMP_SPINCOUNT": "1000"})] * 2, "2x2spin10k": [(2, {"GOMP_SPINCOUNT": "10000"})] * 2,
+    "2x2spin100k": [(2, {"GOMP_SPINCOUNT": "100000"})] * 2,
 }
 
 

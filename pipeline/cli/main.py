@@ -20,6 +20,8 @@ import os
 import sys
 from typing import NoReturn
 
+from ..openmp import openmp_wait_defaults
+
 __all__ = ["main", "os_error_message", "SUBCOMMANDS"]
 
 # name -> (module, one-line summary shown by `calodistill --help`)
@@ -84,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``calodistill`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # OpenMP threads that spin while they wait collapse torch 10-20x when another process shares the
-    # cores (docs/benchmarks.md); as in the Dask workers, they sleep instead. Read when torch loads, so
+    # cores; as in the Dask workers, they spin briefly, then sleep (..openmp). Read when torch loads, so
     # it is set before any command module is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.update(openmp_wait_defaults(os.environ))
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = _build_parser(selected if selected in SUBCOMMANDS else None)
     args = parser.parse_args(argv)

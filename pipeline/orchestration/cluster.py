@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import build_config, load_config_file
 from ..data.scheduler import make_scratch_dir, remove_scratch_dir
 from ..errors import CalodistillError
+from ..openmp import openmp_wait_defaults
 
 if TYPE_CHECKING:
     from .dag import DagSpec
@@ -532,7 +533,7 @@ def _start_local_cluster(local: LocalClusterSpec, n_gpu: int) -> Any:
 
 def worker_environ() -> dict[str, Any]:
     """Dask config for LocalCluster workers: Dask's environment without ``MALLOC_TRIM_THRESHOLD_``, with
-    ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it.
+    OpenMP threads that spin briefly and then sleep at barriers (:mod:`..openmp`) unless the user chose.
 
     Setting any ``MALLOC_*_`` variable turns off glibc's dynamic mmap threshold, so every large torch
     temporary is mmap'd and page-faulted anew and training slows markedly (measured: docs/experiments.md).
@@ -541,7 +542,11 @@ def worker_environ() -> dict[str, Any]:
 
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
-    # OpenMP threads sleep instead of spinning at barriers: with other work on the cores, spinning torch
-    # threads slowed a distillation step 3-20x (docs/benchmarks.md, 2026-11-29); a user's setting wins
-    env.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    # with other work on the cores, torch threads that spin at barriers slowed a distillation step 3-20x
+    # (docs/benchmarks.md); a user's setting, here or in our environment, wins
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        if key in os.environ:
+            env.setdefault(key, os.environ[key])
+    for key, value in openmp_wait_defaults(env).items():
+        env.setdefault(key, value)
     return {"distributed.nanny.pre-spawn-environ": env}

@@ -277,8 +277,9 @@ def _spline_description(sampler: Any) -> str:
 
 def _training_section(teacher: Any, student: Any, device: torch.device, steps: int,
                       teacher_batch: int, student_batch: int, seed: int) -> dict[str, Any]:
-    from ...flows.config import DistillConfig
+    from ...flows.config import DistillConfig, TrainConfig
     from ...flows.losses import nll_loss
+    from ...flows.optim import make_adam
 
     out: dict[str, Any] = {}
     d = teacher.config.features
@@ -292,7 +293,7 @@ def _training_section(teacher: Any, student: Any, device: torch.device, steps: i
 
     def run(name: str, model: Any, loss_fn: Callable[[Tensor, Tensor | None], Tensor], batch: int) -> None:
         model.train()
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        opt = make_adam(model, TrainConfig(lr=1e-4))  # the optimiser training uses (fused where it can)
         x, ctx = data(batch)
 
         def step() -> None:

@@ -57,6 +57,8 @@ class DistillStageConfig:
         seed: seeds the preprocessing noise, the student's initialisation and the checks.
         progress: progress bars.
         max_train: use at most this many training showers (0: all).
+        max_val: validate each epoch (loss terms and the KL estimate's conditions) on at most this many
+            validation showers (0: all); a fixed subset, the first ones, so that epochs compare.
         student: the :class:`flows.config.FlowConfig` fields in which the student differs from the
             teacher, among ``hidden_features``, ``n_hidden_layers``, ``dropout`` and ``activation``
             (0 or "": the teacher's; ``dropout`` is 0 unless set). Blocks, bins and permutations are
@@ -76,6 +78,7 @@ class DistillStageConfig:
     seed: int = 0
     progress: bool = True
     max_train: int = 0
+    max_val: int = 0
     student: dict[str, Any] = field(default_factory=lambda: {"dropout": 0.0},
                                     metadata={"keys_of": FlowConfig, "keys": STUDENT_FIELDS})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(schedule="cosine"))
@@ -271,8 +274,9 @@ def distill_student(
         if log_metrics is not None:
             log_metrics({f"distill_{k}": float(v) for k, v in metrics.items()}, epoch)
 
+    n_val = min(cfg.max_val, len(val)) if cfg.max_val > 0 else len(val)
     res = distill(
-        teacher, student, tr["x2"], tr["c2"], va["x2"], va["c2"], cfg.train, cfg.distill,
+        teacher, student, tr["x2"], tr["c2"], va["x2"][:n_val], va["c2"][:n_val], cfg.train, cfg.distill,
         out_dir / "checkpoints" / "student", device=dev, on_epoch_end=on_epoch, progress=cfg.progress,
     )
     save_generator_dir(out_dir, pre, flow1, flow1.config, student.cpu(), student.config, kind="student")

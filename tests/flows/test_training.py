@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from calodistill.flows.config import TrainConfig
 from calodistill.flows.errors import FlowsError, NonFiniteLossError
 from calodistill.flows.losses import nll_loss
+from calodistill.flows.optim import make_adam
 from calodistill.flows.training import (
     DiagonalGaussianBaseline,
     FitResult,
@@ -232,3 +233,25 @@ def test_bad_config_names_the_field() -> None:
         TrainConfig(schedule="linear")
     with pytest.raises(FlowsError, match="epochs: must be an integer >= 1"):
         TrainConfig(epochs=0)
+
+
+def test_make_adam_is_fused_on_cpu_and_keeps_the_masked_weight_cache_fresh() -> None:
+    """The fused step does not bump the parameters' version counters, which the MADE's masked-weight
+    cache is keyed on: ``make_adam`` clears the cache after each step, so inference sees the new weights."""
+    from calodistill.flows.config import FlowConfig
+    from calodistill.flows.models import build_maf
+    from calodistill.flows.transforms import MaskedLinear
+
+    torch.manual_seed(0)
+    flow = build_maf(FlowConfig(features=5, context_features=2, n_blocks=1, hidden_features=8, kind="affine"))
+    opt = make_adam(flow, TrainConfig(lr=0.1))
+    assert opt.defaults["fused"] is True
+    x, c = torch.randn(16, 5), torch.randn(16, 2)
+    with torch.no_grad():
+        flow.log_prob(x, c)  # fills the caches
+    nll_loss(flow, x, c).backward()
+    opt.step()
+    layers = [m for m in flow.modules() if isinstance(m, MaskedLinear)]
+    with torch.no_grad():
+        for m in layers:
+            torch.testing.assert_close(m.masked_weight(), m.weight * m.mask)
