@@ -125,6 +125,11 @@ def test_separation_power_identical_disjoint_and_partial() -> None:
     assert separation_power(a, rng.normal(size=5000)) < 0.02
     # constant observable in both samples (e.g. an always-empty layer): 0, not NaN
     assert separation_power(np.zeros(10), np.zeros(20)) == 0.0
+    # disjoint samples whose normalised histograms sum to 1 + an ulp: still at most 1
+    draw = np.random.default_rng(0)
+    sizes = [(int(draw.integers(3, 300)), int(draw.integers(3, 300))) for _ in range(200)]
+    powers = [separation_power(draw.normal(size=n), draw.normal(size=m) + 50.0) for n, m in sizes]
+    assert max(powers) <= 1.0 and min(powers) == pytest.approx(1.0)
     with pytest.raises(CalodistillError, match="non-empty"):
         separation_power(np.array([]), a)
 
